@@ -1,0 +1,141 @@
+"""Model-family facts: the one place that knows how each MoE family in transformers routes.
+
+Everything family-specific that the rest of the package needs lives here: how a router's output is
+parsed into (logits, weights, experts), which probability distribution the family routes with, which
+extra "null" expert columns its logits carry (LongCat zero experts, Zaya's skip expert), which router
+modules transformers does not record, and which plain ``nn.Linear`` modules inside routers must be kept
+out of bitsandbytes quantization. Facts come from ``shared/reference/transformers-moe-routers.md`` and
+are asserted family by family in ``tests/test_all_families.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "probabilities", "product_key"]
+Parser = Literal["tuple", "logits_only", "llama4", "jetmoe", "doge", "zaya"]
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """How one family routes; defaults describe the common Mixtral-style 3-tuple router."""
+
+    scoring: Scoring = "softmax"
+    # Experts are selected with score + a learned bias (DeepSeek-V3 "aux-loss-free" balancing and kin).
+    bias_corrected: bool = False
+    # Extra logit columns after the routed experts: zero-compute (LongCat) or skip (Zaya) experts.
+    null_experts_attr: str | None = None
+    null_expert_label: str = "null"
+    # Config attribute that, when present, overrides ``scoring`` (DeepSeek-V4, Inkling-2, Cohere-2).
+    scoring_attr: str | None = None
+    # Router classes transformers does not record in ``output_router_logits`` (DeepSeek-V4 hash layers).
+    extra_router_classes: tuple[str, ...] = ()
+    # Recorder classes to skip because another recorded class holds the same router (JetMoE).
+    skip_router_classes: tuple[str, ...] = ()
+    # Names (relative to the recorded module) of plain nn.Linear layers that compute router logits,
+    # when the recorded module is bigger than the router (Doge records the whole MoE block).
+    router_linears: tuple[str, ...] | None = None
+    # Families that ignore the configured k.
+    fixed_top_k: int | None = None
+    note: str = ""
+
+
+_SIGMOID_BIAS = FamilyFacts(scoring="sigmoid", bias_corrected=True)
+_SOFTMAX = FamilyFacts()
+
+# Router-class name -> how to parse its forward output. Anything not listed is a standard
+# ``(logits, top_k_weights, top_k_index)`` tuple, the contract of 50 of the 57 families in 5.23.
+ROUTER_PARSERS: dict[str, Parser] = {
+    "DbrxRouter": "logits_only",
+    "Llama4Router": "llama4",
+    "JetMoeTopKGating": "jetmoe",
+    "DogeCDMoE": "doge",
+    "ZayaRouter": "zaya",
+}
+
+FAMILIES: dict[str, FamilyFacts] = {
+    # softmax routers whose plain top-k is the selection
+    **{
+        name: _SOFTMAX
+        for name in """
+            aria_text dbrx flex_olmo gpt_oss granitemoe granitemoe_swa granitemoehybrid
+            granitemoeshared hunyuan_v1_moe jamba mellum minimax mixtral olmoe qwen2_moe
+            qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next qwen4_exp qwen4_exp_text deepseek_v2
+        """.split()
+    },
+    "cohere2_moe": FamilyFacts(scoring_attr="expert_selection_fn"),
+    "ernie4_5_moe": FamilyFacts(bias_corrected=True, note="bias added to softmax probabilities"),
+    "longcat_flash": FamilyFacts(
+        bias_corrected=True, null_experts_attr="zero_expert_num", null_expert_label="zero",
+        note="ids >= n_routed_experts are zero-compute identity experts",
+    ),
+    "zaya": FamilyFacts(
+        bias_corrected=True, null_experts_attr="__one__", null_expert_label="skip",
+        note="last logit column is a skip expert; the router rewrites a skip to expert 0 with weight 0",
+    ),
+    "doge": FamilyFacts(scoring="product_key", router_linears=("router_gate",),
+                        note="product-key routing over sqrt(E) x sqrt(E) keys"),
+    "gemma4": FamilyFacts(scoring="probabilities", note="router returns softmax probabilities"),
+    "gemma4_text": FamilyFacts(scoring="probabilities", note="router returns softmax probabilities"),
+    # sigmoid routers without a selection bias
+    "flint": FamilyFacts(scoring="sigmoid"),
+    "llama4": FamilyFacts(scoring="sigmoid"),
+    "llama4_text": FamilyFacts(scoring="sigmoid"),
+    # sigmoid (or other score) routers that select with score + bias
+    **{
+        name: _SIGMOID_BIAS
+        for name in """
+            afmoe axk1 axk2 bailing_hybrid beam deepseek_v3 deepseek_v32 dots1 dots3_note
+            dots3_note_text exaone_moe glm4_moe glm4_moe_lite glm_moe_dsa hy_v3 hy_v4 inkling
+            inkling_text kimi_linear laguna lfm2_moe mimo_v2_flash minimax_m2 minimax_m3_vl
+            minimax_m3_vl_text nemotron_h solar_open
+        """.split()
+    },
+    "kolibri1": FamilyFacts(scoring="sigmoid", bias_corrected=True, note="bias added to raw logits"),
+    "inkling2_text": FamilyFacts(scoring="sigmoid", bias_corrected=True, scoring_attr="scoring_func"),
+    "inkling2": FamilyFacts(scoring="sigmoid", bias_corrected=True, scoring_attr="scoring_func"),
+    "deepseek_v4": FamilyFacts(
+        scoring="sqrtsoftplus", bias_corrected=True, scoring_attr="scoring_func",
+        extra_router_classes=("DeepseekV4HashRouter",),
+        note="hash_moe layers pick experts by token id (tid2eid)",
+    ),
+}
+
+# JetMoE records the attention block and its inner gating; the gating alone is the router.
+FAMILIES["jetmoe"] = FamilyFacts(skip_router_classes=("JetMoeAttention",), note="two routers per layer")
+# PhiMoE's sparsemixer hard-codes two experts whatever num_experts_per_tok says.
+FAMILIES["phimoe"] = FamilyFacts(fixed_top_k=2, note="sparsemixer always picks 2 experts")
+
+UNKNOWN_FAMILY = FamilyFacts(note="family not in moe-inspect's registry; softmax scoring assumed")
+
+_SCORING_ALIASES: dict[str, Scoring] = {
+    "softmax": "softmax",
+    "sigmoid": "sigmoid",
+    "sqrtsoftplus": "sqrtsoftplus",
+}
+
+
+def facts_for(model_type: str) -> FamilyFacts:
+    """Facts for a model type; unknown (e.g. remote-code) families get conservative defaults."""
+    return FAMILIES.get(model_type, UNKNOWN_FAMILY)
+
+
+def scoring_for(model_type: str, config: object) -> Scoring:
+    """The distribution a family routes with, honouring config overrides such as ``scoring_func``."""
+    facts = facts_for(model_type)
+    if facts.scoring_attr is not None:
+        value = getattr(config, facts.scoring_attr, None)
+        if isinstance(value, str) and value.lower() in _SCORING_ALIASES:
+            return _SCORING_ALIASES[value.lower()]
+    return facts.scoring
+
+
+def null_expert_count(model_type: str, config: object) -> int:
+    """Number of extra, non-routed columns in the router logits (zero or skip experts)."""
+    attr = facts_for(model_type).null_experts_attr
+    if attr is None:
+        return 0
+    if attr == "__one__":
+        return 1
+    return int(getattr(config, attr, 0) or 0)

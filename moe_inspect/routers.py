@@ -1,0 +1,365 @@
+"""Find every MoE router in a loaded model, matched by class, never by attribute name.
+
+transformers implements ``output_router_logits`` by hooking the classes each model declares in
+``_can_record_outputs["router_logits"]``. Reading that declaration is the robust way to find routers:
+names are unreliable (``gate`` also matches ``gate_proj`` and Qwen's ``shared_expert_gate``). Remote-code
+models that declare nothing fall back to a shape heuristic, flagged as such.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_inspect.errors import NotMoEError
+from moe_inspect.families import (
+    ROUTER_PARSERS,
+    Parser,
+    Scoring,
+    facts_for,
+    null_expert_count,
+    scoring_for,
+)
+
+_EXPERT_COUNT_ATTRS = (
+    "num_experts",
+    "n_routed_experts",
+    "num_local_experts",
+    "moe_num_experts",
+    "num_routed_experts",
+)
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token")
+_SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
+_SHARED_COUNT_KEYS = (
+    "n_shared_experts",
+    "num_shared_experts",
+    "moe_num_shared_experts",
+    "shared_expert_count",
+)
+_ATTENTION_RE = re.compile(r"(?:^|\.)(?:self_)?attention(?:\.|$)")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|h|layer)\.(\d+)(?:\.|$)")
+
+
+@dataclass
+class RouterSpec:
+    """One hooked router: where it sits and how its output is read."""
+
+    index: int
+    layer: int
+    path: str
+    kind: str  # "mlp", or "attention" for JetMoE's mixture-of-attention router
+    model_type: str
+    router_class: str
+    num_experts: int  # routed experts E, without zero/skip columns
+    top_k: int
+    null_experts: int  # zero (LongCat) or skip (Zaya) expert columns after the routed ones
+    null_label: str
+    scoring: Scoring
+    parser: Parser
+    logits_index: int
+    selection: str  # "top-k", "bias-corrected", "hash", "product-key"
+    shared_experts: int
+    heuristic: bool = False
+    module: nn.Module = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    selection_module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_columns(self) -> int:
+        """Width of the routing distribution: routed plus null experts (product keys span E)."""
+        return self.num_experts + self.null_experts
+
+    @property
+    def label(self) -> str:
+        """Short column label: the layer index, suffixed for JetMoE's attention routers."""
+        return f"{self.layer}{'a' if self.kind == 'attention' else ''}"
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data view for tables, JSON and the Python API."""
+        return {
+            "router": self.index,
+            "layer": self.layer,
+            "kind": self.kind,
+            "path": self.path,
+            "router_class": self.router_class,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "null_experts": self.null_experts,
+            "shared_experts": self.shared_experts,
+            "scoring": self.scoring,
+            "selection": self.selection,
+            "heuristic": self.heuristic,
+        }
+
+
+@dataclass(frozen=True)
+class _Target:
+    classes: tuple[type, ...]
+    class_names: tuple[str, ...]
+    index: int
+    layer_name: str | None
+    model_type: str
+    config: Any
+
+
+def _recorder_specs(pretrained: nn.Module) -> list[Any]:
+    spec = (getattr(type(pretrained), "_can_record_outputs", None) or {}).get("router_logits")
+    if spec is None:
+        return []
+    return spec if isinstance(spec, list) else [spec]
+
+
+def _targets_for(pretrained: nn.Module) -> list[_Target]:
+    """Translate one PreTrainedModel's recorder declaration into match targets."""
+    config = getattr(pretrained, "config", None)
+    model_type = getattr(config, "model_type", "") or ""
+    facts = facts_for(model_type)
+    targets: list[_Target] = []
+    for spec in _recorder_specs(pretrained):
+        if isinstance(spec, type):
+            cls, name, index, layer_name = spec, None, 1, None
+        elif isinstance(spec, str):
+            cls, name, index, layer_name = None, spec, 1, None
+        else:
+            cls, name = spec.target_class, spec.class_name
+            index, layer_name = spec.index if spec.index is not None else 0, spec.layer_name
+        if cls is not None and cls.__name__ in facts.skip_router_classes:
+            continue
+        targets.append(
+            _Target(
+                classes=(cls,) if cls is not None else (),
+                class_names=(name,) if name else (),
+                index=index,
+                layer_name=layer_name,
+                model_type=model_type,
+                config=config,
+            )
+        )
+    if targets and facts.extra_router_classes:
+        targets.append(
+            _Target((), facts.extra_router_classes, 0, None, model_type, config)
+        )
+    return targets
+
+
+def _walk(module: nn.Module, prefix: str, targets: list[_Target]) -> Iterator[tuple[str, nn.Module, _Target]]:
+    """Yield (path, module, target) like transformers' hook installer: submodels bring their own targets."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        child_targets = targets
+        if child is not module and _is_pretrained(child) and _recorder_specs(child):
+            child_targets = _targets_for(child)
+        for target in child_targets:
+            if _matches(child, path, target):
+                yield path, child, target
+                break
+        yield from _walk(child, path, child_targets)
+
+
+def _is_pretrained(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
+
+
+def _matches(module: nn.Module, path: str, target: _Target) -> bool:
+    by_class = bool(target.classes) and isinstance(module, target.classes)
+    hit = by_class or type(module).__name__ in target.class_names
+    if not hit:
+        return False
+    return target.layer_name is None or f".{target.layer_name.strip('.')}." in f".{path}."
+
+
+def layer_index(path: str) -> int:
+    """Decoder-layer index from a module path (``model.layers.12.mlp.gate`` -> 12)."""
+    match = _LAYER_RE.search(path)
+    if match:
+        return int(match.group(1))
+    numbers = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(numbers[0]) if numbers else -1
+
+
+def _int_attr(obj: Any, names: tuple[str, ...], layer: int) -> int | None:
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, (list, tuple)) and value and 0 <= layer < len(value):
+            value = value[layer]
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _parent(model: nn.Module, path: str) -> nn.Module | None:
+    if "." not in path:
+        return None
+    return model.get_submodule(path.rsplit(".", 1)[0])
+
+
+def _shared_experts(parent: nn.Module | None, config: Any) -> int:
+    if parent is None or not any(getattr(parent, a, None) is not None for a in _SHARED_ATTRS):
+        return 0
+    count = _int_attr(config, _SHARED_COUNT_KEYS, -1)
+    return count or 1
+
+
+def _build_spec(model: nn.Module, index: int, path: str, module: nn.Module, target: _Target) -> RouterSpec:
+    layer = layer_index(path)
+    parent = _parent(model, path)
+    config = target.config
+    facts = facts_for(target.model_type)
+    class_name = type(module).__name__
+    parser: Parser = ROUTER_PARSERS.get(class_name, "tuple")
+    experts = (
+        _int_attr(module, _EXPERT_COUNT_ATTRS, layer)
+        or _int_attr(parent, _EXPERT_COUNT_ATTRS, layer)
+        or _int_attr(config, _EXPERT_COUNT_ATTRS, layer)
+        or 0
+    )
+    top_k = facts.fixed_top_k or (
+        _int_attr(module, _TOP_K_ATTRS, layer)
+        or _int_attr(parent, _TOP_K_ATTRS, layer)
+        or _int_attr(config, _TOP_K_ATTRS, layer)
+        or 0
+    )
+    scoring = scoring_for(target.model_type, config)
+    if class_name in facts.extra_router_classes:
+        selection = "hash"
+    elif scoring == "product_key":
+        selection = "product-key"
+    elif facts.bias_corrected:
+        selection = "bias-corrected"
+    else:
+        selection = "top-k"
+    if target.model_type == "dbrx":  # DBRX keeps k and the experts on the parent FFN.
+        selection_module = getattr(parent, "experts", None)
+        top_k = _int_attr(parent, ("top_k",), layer) or top_k
+    else:
+        selection_module = None
+    return RouterSpec(
+        index=index,
+        layer=layer,
+        path=path,
+        kind="attention" if _ATTENTION_RE.search(path) else "mlp",
+        model_type=target.model_type,
+        router_class=class_name,
+        num_experts=experts,
+        top_k=top_k,
+        null_experts=null_expert_count(target.model_type, config),
+        null_label=facts.null_expert_label,
+        scoring=scoring,
+        parser=parser,
+        logits_index=target.index,
+        selection=selection,
+        shared_experts=_shared_experts(parent if parser != "doge" else module, config),
+        module=module,
+        selection_module=selection_module,
+    )
+
+
+def find_routers(model: nn.Module) -> list[RouterSpec]:
+    """Every router in ``model`` in execution order; raises NotMoEError when there is none.
+
+    Works on meta-device models too (nothing here runs a forward), so ``info`` can use it.
+    """
+    top_targets = _targets_for(model) if _recorder_specs(model) else []
+    found: list[tuple[str, nn.Module, _Target]] = []
+    seen: set[int] = set()
+    for path, module, target in _walk(model, "", top_targets):
+        if id(module) not in seen:
+            seen.add(id(module))
+            found.append((path, module, target))
+    if not found:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", "unknown")
+        searched = sorted({type(m).__name__ for m in model.modules() if _is_pretrained(m)})
+        raise NotMoEError(
+            f"Model type '{model_type}' has no MoE router: moe-inspect searched the router classes declared "
+            f"for output_router_logits by {', '.join(searched) or 'its model classes'} and found none."
+        )
+    return [_build_spec(model, i, path, module, target) for i, (path, module, target) in enumerate(found)]
+
+
+def find_routers_heuristic(model: nn.Module, sample: torch.Tensor) -> list[RouterSpec]:
+    """Fallback for remote-code models: modules whose output's last dim equals the configured E.
+
+    Runs one forward on ``sample`` with temporary hooks on every module and keeps the outermost matches.
+    """
+    config = getattr(model, "config", None)
+    experts = _int_attr(config, _EXPERT_COUNT_ATTRS, -1)
+    top_k = _int_attr(config, _TOP_K_ATTRS, -1) or 1
+    model_type = getattr(config, "model_type", "unknown")
+    if not experts:
+        raise NotMoEError(
+            f"Model type '{model_type}' is not known to transformers and its config names no expert count "
+            f"({', '.join(_EXPERT_COUNT_ATTRS)}), so moe-inspect cannot find its routers."
+        )
+    hits: dict[str, tuple[nn.Module, int]] = {}
+    handles = []
+
+    def make_hook(path: str, mod: nn.Module) -> Any:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            items = out if isinstance(out, (tuple, list)) else (out,)
+            for i, item in enumerate(items):
+                if isinstance(item, torch.Tensor) and item.is_floating_point() and item.shape[-1] == experts:
+                    hits.setdefault(path, (mod, i))
+                    return
+
+        return hook
+
+    try:
+        for path, mod in model.named_modules():
+            if path and not isinstance(mod, (nn.ModuleList, nn.Embedding)) and "lm_head" not in path:
+                handles.append(mod.register_forward_hook(make_hook(path, mod)))
+        with torch.no_grad():
+            model(input_ids=sample)
+    finally:
+        for h in handles:
+            h.remove()
+    outermost = [p for p in hits if not any(p != q and p.startswith(q + ".") for q in hits)]
+    if not outermost:
+        raise NotMoEError(
+            f"Model type '{model_type}' is not known to transformers and no module produced {experts} "
+            "expert scores, so moe-inspect found no router."
+        )
+    warnings.warn(
+        f"Model type '{model_type}' is unknown to transformers: routers were matched heuristically "
+        f"(modules whose output has {experts} columns). Check them with `moe-inspect route`.",
+        stacklevel=2,
+    )
+    specs = []
+    for i, path in enumerate(outermost):
+        mod, out_index = hits[path]
+        specs.append(
+            RouterSpec(
+                index=i, layer=layer_index(path), path=path, kind="mlp", model_type=model_type,
+                router_class=type(mod).__name__, num_experts=experts, top_k=top_k, null_experts=0,
+                null_label="null", scoring="softmax", parser="tuple" if out_index == 0 else "logits_only",
+                logits_index=out_index, selection="top-k", shared_experts=0, heuristic=True, module=mod,
+            )
+        )
+    return specs
+
+
+def router_linear_names(model: nn.Module, routers: list[RouterSpec]) -> list[str]:
+    """Full names of plain ``nn.Linear`` modules that compute router scores.
+
+    bitsandbytes replaces exactly-typed ``nn.Linear``; these must stay in full precision (LongCat crashes
+    otherwise, and a quantized router changes the routes being inspected).
+    """
+    names: list[str] = []
+    for spec in routers:
+        facts = facts_for(spec.model_type)
+        candidates: list[tuple[str, nn.Module]]
+        if facts.router_linears is not None:
+            candidates = [(n, spec.module.get_submodule(n)) for n in facts.router_linears]
+        else:
+            candidates = list(spec.module.named_modules())
+        for sub, mod in candidates:
+            if type(mod) is nn.Linear:
+                names.append(f"{spec.path}.{sub}" if sub else spec.path)
+    return names
