@@ -1,0 +1,25 @@
+"""moe-inspect: an inference-time routing inspector for Mixture-of-Experts models in transformers.
+
+Data flows load (loading) -> find routers (routers) -> capture a forward (capture) -> accumulate
+(accumulate) -> metrics (metrics) -> tables (tables, schemas) -> render/export (render, export).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("moe-inspect")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = ["Inspector", "__version__", "load"]
+
+
+def __getattr__(name: str) -> object:
+    # Importing torch/transformers costs seconds; `moe-inspect --help` and `info` should not pay twice.
+    if name in {"load", "Inspector"}:
+        from moe_inspect import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

@@ -1,0 +1,129 @@
+"""The Python API for notebooks; the CLI is a thin layer over it.
+
+    insp = moe_inspect.load("mistralai/Mixtral-8x7B-v0.1", dtype="bfloat16")
+    df = insp.route("def add(a, b): return a + b")   # same columns as `route --csv`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pandas as pd
+import torch
+
+from moe_inspect.capture import capture
+from moe_inspect.loading import LoadedModel
+from moe_inspect.loading import load as load_model
+from moe_inspect.tables import route_frame, routers_frame
+
+
+class Inspector:
+    """A loaded MoE model with its routers hooked on demand."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def routers(self) -> pd.DataFrame:
+        """One row per hooked router (schema ``schemas.ROUTERS``)."""
+        return routers_frame(self.loaded.routers)
+
+    def _token_strings(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def route(
+        self,
+        text: str,
+        *,
+        generate: int = 0,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        layers: Iterable[int] | None = None,
+    ) -> pd.DataFrame:
+        """Per-token routing of ``text`` (and of ``generate`` new tokens), schema ``schemas.ROUTE``.
+
+        ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``.
+        """
+        encoded = self.tokenizer(text, return_tensors="pt")
+        input_ids = encoded["input_ids"].to(self.loaded.input_device)
+        if input_ids.shape[1] == 0:
+            raise ValueError("the prompt tokenized to zero tokens")
+        prompt_len = int(input_ids.shape[1])
+        with torch.inference_mode(), capture(self.loaded.routers) as cap:
+            if generate > 0:
+                ids = self._generate(input_ids, generate, temperature, seed)
+            else:
+                self.model(input_ids=input_ids)
+                ids = input_ids[0]
+        token_ids = ids.tolist()
+        phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
+        frame = route_frame(self.loaded.routers, cap.calls, token_ids, self._token_strings(token_ids), phases)
+        if layers is not None:
+            frame = frame[frame["layer"].isin(set(layers))].reset_index(drop=True)
+        frame.attrs.update(
+            text=text,
+            prompt_tokens=prompt_len,
+            generated_text=self.tokenizer.decode(token_ids[prompt_len:]) if generate else "",
+        )
+        return frame
+
+    def _generate(self, input_ids: torch.Tensor, new_tokens: int, temperature: float, seed: int | None) -> torch.Tensor:
+        """Generate, then feed the last new token once more so every generated token has routing rows."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        sample = temperature > 0
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=None,
+            top_p=None,
+            return_dict_in_generate=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        sequence = out.sequences
+        if sequence.shape[1] > input_ids.shape[1]:
+            self.model(
+                input_ids=sequence[:, -1:],
+                attention_mask=torch.ones_like(sequence),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        return sequence[0]
+
+
+def load(
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+) -> Inspector:
+    """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector."""
+    return Inspector(
+        load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+        )
+    )

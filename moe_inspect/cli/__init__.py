@@ -1,0 +1,36 @@
+"""The `moe-inspect` command line: parses options, calls the library, renders. Nothing else."""
+
+from __future__ import annotations
+
+import typer
+
+from moe_inspect.cli.route import route
+
+app = typer.Typer(
+    name="moe-inspect",
+    help="See what the routers of a Mixture-of-Experts model do: per-token routes, expert load, model size.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """See what the routers of a Mixture-of-Experts model do: per-token routes, expert load, model size."""
+
+
+app.command()(route)
+
+try:  # commands written in parallel land one by one
+    from moe_inspect.cli.info import info
+
+    app.command()(info)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

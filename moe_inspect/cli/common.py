@@ -1,0 +1,87 @@
+"""What every command does around the library: load with one status line, turn user errors into exit 2."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from moe_inspect.api import Inspector, load
+from moe_inspect.errors import UserError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """One sentence on stderr and exit code 2 for errors the user caused; bugs still raise."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def load_for_cli(
+    model: str | None,
+    dtype: str = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+) -> Inspector:
+    """Load and say in one line what was loaded (and that it is the demo model, when it is)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the one status line below says what was loaded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        with err.status("Loading model…"):
+            insp = load(
+                model,
+                dtype=dtype,
+                device=device,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                device_map=device_map,
+                load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit,
+            )
+    for warning in caught:
+        if "heuristic" in str(warning.message):
+            err.print(f"[yellow]Warning:[/yellow] {warning.message}", soft_wrap=True)
+    loaded = insp.loaded
+    if loaded.is_default:
+        err.print(
+            "Using the small demo model shipped with moe-inspect; pass --model for a real checkpoint.",
+            soft_wrap=True,
+        )
+    routers = loaded.routers
+    experts = sorted({r.num_experts for r in routers})
+    ks = sorted({r.top_k for r in routers})
+    err.print(
+        f"[dim]{loaded.model_type}: {len(routers)} routers, {'/'.join(map(str, experts))} experts, "
+        f"top-{'/'.join(map(str, ks))}; {loaded.dtype} on {loaded.device}; "
+        f"{_gib(loaded.footprint_bytes())} in memory[/dim]",
+        soft_wrap=True,
+    )
+    for note in loaded.notes:
+        err.print(note, soft_wrap=True)
+    return insp

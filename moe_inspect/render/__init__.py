@@ -1,0 +1,1 @@
+"""Terminal output: rich renderables built from the library's tables. Only the CLI calls these."""

@@ -1,0 +1,78 @@
+"""The token-by-layer routing table, split into chunks of layers that fit the terminal."""
+
+from __future__ import annotations
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+# Distinct, readable colours; an expert keeps its colour in every cell so patterns stand out.
+PALETTE = (
+    "bright_cyan", "bright_magenta", "bright_yellow", "bright_green", "bright_red", "bright_blue",
+    "cyan", "magenta", "yellow", "green", "red", "blue", "white", "orange3", "orchid", "turquoise2",
+)
+_CELL_WIDTH = 8
+_TOKEN_WIDTH = 14
+
+
+def visible_token(token: str) -> str:
+    """Make whitespace visible so ' add' and 'add' read differently."""
+    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+
+
+def _cell(group: pd.DataFrame) -> Text:
+    text = Text()
+    for i, row in enumerate(group.itertuples(index=False)):
+        if i:
+            text.append("\n")
+        if row.expert_type != "routed":
+            text.append(f"{row.expert_type:>4}", style="dim")
+        else:
+            text.append(f"{row.expert:>4}", style=PALETTE[row.expert % len(PALETTE)])
+        text.append(f" {row.weight:.2f}".replace("0.", ".", 1), style="dim")
+    return text
+
+
+def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
+    """One rich Table per chunk of routers, each as wide as ``width`` allows."""
+    labels = list(dict.fromkeys(zip(frame["layer"], frame["router"], strict=True)))
+    per_table = max(1, (width - _TOKEN_WIDTH - 12) // (_CELL_WIDTH + 3))
+    cells = {key: _cell(group) for key, group in frame.groupby(["position", "layer", "router"], sort=False)}
+    tokens = frame.drop_duplicates("position")[["position", "token", "phase"]]
+    tables = []
+    for start in range(0, len(labels), per_table):
+        chunk = labels[start : start + per_table]
+        first, last = chunk[0][0], chunk[-1][0]
+        title = f"layer {first}" if len(chunk) == 1 else f"layers {first}-{last}"
+        table = Table(title=title, header_style="bold", show_lines=False, pad_edge=False)
+        table.add_column("pos", justify="right", style="dim")
+        table.add_column("token", max_width=_TOKEN_WIDTH, no_wrap=True)
+        for layer, router in chunk:
+            table.add_column(f"L{layer}" + ("a" if router == "attention" else ""), justify="right")
+        for row in tokens.itertuples(index=False):
+            style = "italic green" if row.phase == "decode" else ""
+            table.add_row(
+                str(row.position),
+                Text(visible_token(row.token), style=style),
+                *[cells.get((row.position, layer, router), Text("")) for layer, router in chunk],
+            )
+        tables.append(table)
+    return tables
+
+
+def render_route(frame: pd.DataFrame, console: Console) -> None:
+    """Print the routing table: each cell lists the token's experts (rank order) and combine weights."""
+    if frame.empty:
+        console.print("No routing rows to show (no router matched the selected layers).")
+        return
+    k = int(frame["rank"].max()) + 1
+    console.print(
+        f"[bold]{frame['position'].nunique()} tokens × {frame.groupby(['layer', 'router']).ngroups} MoE routers"
+        f"[/bold], top-{k}: each cell lists expert and combine weight, first choice on top."
+    )
+    for table in route_tables(frame, console.width):
+        console.print(table)
+    generated = frame.attrs.get("generated_text")
+    if generated:
+        console.print(Text("generated: ", style="bold") + Text(generated, style="italic green"))
