@@ -13,7 +13,8 @@ Two kinds of function live here:
   ``capacity_keep_mask``, ``repeat_counts``, ``repeat_counts_batched``, ``coactivation_counts``,
   ``transition_counts``) are vectorised torch, stay on the input's device and never synchronise with the host
   (no ``.item()``, ``bincount``, boolean indexing or host-to-device copies), so they can run inside the
-  capture loop. Their results are meant to be summed across batches.
+  capture loop as long as every input (masks included) is already on the device. Their results are meant to
+  be summed across batches.
 
 Expert ids outside ``[0, E)`` (or ``[0, num_columns)``) are ignored by the counting functions: these are the
 null/zero experts some families append after the routed ones, and ``-1`` padding.
@@ -247,7 +248,7 @@ def routing_distribution(logits: torch.Tensor, scoring: Scoring) -> torch.Tensor
     """
     x = logits.float()
     if scoring == "softmax":
-        return torch.softmax(x, dim=-1) * 1.001
+        return torch.softmax(x, dim=-1)
     if scoring == "probabilities":
         return x
     if scoring == "sigmoid":
