@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.capture import capture
+from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
+from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
 from moe_inspect.tables import route_frame, routers_frame
@@ -36,6 +40,61 @@ class Inspector:
     def routers(self) -> pd.DataFrame:
         """One row per hooked router (schema ``schemas.ROUTERS``)."""
         return routers_frame(self.loaded.routers)
+
+    def default_seq_len(self) -> int:
+        """min(2048, the model's maximum positions)."""
+        config = self.model.config
+        config = getattr(config, "text_config", None) or config
+        limit = getattr(config, "max_position_embeddings", None)
+        return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
+
+    def corpus(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        files: Sequence[str | Path] | None = None,
+        seq_len: int | None = None,
+        batch_size: int = 4,
+        lines: bool = False,
+        max_tokens: int | None = None,
+    ) -> CorpusReader:
+        """A reader over in-memory ``texts`` (each its own stream) and/or validated ``files``."""
+        sources: list[CorpusFile] = []
+        if isinstance(texts, str):
+            texts = [texts]
+        sources += [CorpusFile.from_text(t, f"<text {i}>") for i, t in enumerate(texts or [])]
+        sources += check_files([str(f) for f in files or []]) if files else []
+        if not sources:
+            raise UserError("Give texts or files to measure.")
+        return CorpusReader(sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens)
+
+    def balance(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        files: Sequence[str | Path] | None = None,
+        seq_len: int | None = None,
+        batch_size: int = 4,
+        lines: bool = False,
+        max_tokens: int | None = None,
+        capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
+        reader: CorpusReader | None = None,
+        progress: Progress | None = None,
+    ) -> BalanceReport:
+        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``)."""
+        if reader is None:
+            reader = self.corpus(
+                texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
+            )
+            reader.check_long_enough()
+        info = {
+            "corpus": [f.describe() for f in reader.files],
+            "seq_len": reader.seq_len,
+            "batch_size": reader.batch_size,
+            "mode": "lines" if reader.lines else "packed",
+            "max_tokens": reader.max_tokens,
+        }
+        return run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
@@ -106,6 +165,7 @@ class Inspector:
 def load(
     model: str | None = None,
     *,
+    tokenizer: Any = None,
     dtype: str = "auto",
     device: str = "auto",
     revision: str | None = None,
@@ -118,6 +178,7 @@ def load(
     return Inspector(
         load_model(
             model,
+            tokenizer=tokenizer,
             dtype=dtype,
             device=device,
             revision=revision,

@@ -175,9 +175,40 @@ def probe_routers(model: nn.Module, routers: list[RouterSpec], input_device: tor
             spec.num_experts = int(out.logits.shape[-1]) - spec.null_experts
 
 
+def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer alone (fast), so corpus checks can run before the weights load."""
+    from transformers import AutoTokenizer
+
+    _check_source(model_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise _load_error(model_id, exc) from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def max_positions(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The configured context length (max_position_embeddings and kin), if the config states one."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(model_id, exc) from exc
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load(
     model: str | None = None,
     *,
+    tokenizer: Any = None,
     dtype: str = "auto",
     device: str = "auto",
     revision: str | None = None,
@@ -187,7 +218,7 @@ def load(
     load_in_8bit: bool = False,
 ) -> LoadedModel:
     """Load model + tokenizer + routers; every user-caused failure is a UserError with one sentence."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_id, is_default = resolve_model(model)
     if dtype not in DTYPES:
@@ -215,15 +246,12 @@ def load(
         kwargs["device_map"] = {"": resolved_device}
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
-    except UserError:
-        raise
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise _load_error(model_id, exc) from exc
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
     hf_model.eval()
     hf_model.requires_grad_(False)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(
         model=hf_model,
         tokenizer=tokenizer,

@@ -5,13 +5,15 @@ Device tensors are copied to the host once per router here, never inside hooks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from moe_inspect import schemas
+from moe_inspect import metrics, schemas
+from moe_inspect.accumulate import RouterTotals
 from moe_inspect.capture import RouterOutput
 from moe_inspect.metrics import router_entropy
 from moe_inspect.routers import RouterSpec
@@ -95,3 +97,111 @@ def route_frame(
     frame = pd.concat(parts, ignore_index=True)
     frame = frame.sort_values(["position", "_order", "rank"], kind="stable").drop(columns="_order")
     return frame.reset_index(drop=True).astype(schemas.ROUTE.dtypes)
+
+
+def _nan_if(condition: bool, value: float) -> float:
+    return math.nan if condition else value
+
+
+def layers_frame(totals: Sequence[RouterTotals], capacity_factors: Sequence[float]) -> pd.DataFrame:
+    """One row per router: the per-layer figures of ``schemas.LAYERS`` plus ``drop_rate_cf<X>`` columns."""
+    rows = []
+    for t in totals:
+        spec, e, k = t.spec, t.spec.num_experts, t.spec.top_k
+        routed = t.count[:e]
+        assignments = max(int(t.count.sum()), 1)
+        share = metrics.assignment_share(routed) if routed.sum() > 0 else np.zeros(e)
+        first_random, any_random = metrics.random_repeat_baselines(e, min(k, e))
+        no_tokens = t.tokens == 0
+        aux = (
+            metrics.aux_loss_from_sums(t.aux_count, t.aux_prob_sum, t.tokens, len(t.aux_count))
+            if t.aux_count is not None
+            else math.nan
+        )
+        row = {
+            "layer": spec.layer,
+            "router": spec.kind,
+            "tokens": t.tokens,
+            "experts": e,
+            "top_k": k,
+            "load_entropy": _nan_if(no_tokens, metrics.load_entropy(share)),
+            "effective_experts": _nan_if(no_tokens, metrics.effective_experts(share)),
+            "router_entropy": _nan_if(no_tokens, t.entropy_sum / max(t.tokens, 1)),
+            "top1_prob": _nan_if(no_tokens, t.top1_sum / max(t.tokens, 1)),
+            "cv": _nan_if(no_tokens, metrics.coefficient_of_variation(routed)),
+            "max_over_mean": _nan_if(no_tokens, metrics.max_over_mean(routed)),
+            "jain": _nan_if(no_tokens, metrics.jain_index(routed)),
+            "dead_experts": metrics.dead_experts(routed),
+            "aux_loss": aux,
+            "switch_loss": _nan_if(no_tokens, metrics.switch_loss(t.first_choice[:e], t.prob_sum[:e], t.tokens)),
+            "z_loss": _nan_if(no_tokens, t.z_sum / max(t.tokens, 1)),
+            "repeat_first": t.repeat_first / t.pairs if t.pairs else math.nan,
+            "repeat_first_random": first_random,
+            "repeat_any": t.repeat_any / t.pairs if t.pairs else math.nan,
+            "repeat_any_random": any_random,
+            "null_share": float(t.count[e:].sum()) / assignments,
+        }
+        for cf in capacity_factors:
+            row[drop_column(cf)] = t.dropped[cf] / assignments if not no_tokens else math.nan
+        rows.append(row)
+    names = schemas.LAYERS.names + [drop_column(cf) for cf in capacity_factors]
+    frame = pd.DataFrame(rows, columns=names)
+    return frame.astype({**schemas.LAYERS.dtypes, **{drop_column(cf): "float64" for cf in capacity_factors}})
+
+
+def drop_column(capacity_factor: float) -> str:
+    """'drop_rate_cf1.25' for 1.25, 'drop_rate_cf2' for 2.0."""
+    return f"drop_rate_cf{capacity_factor:g}"
+
+
+def experts_frame(totals: Sequence[RouterTotals]) -> pd.DataFrame:
+    """One row per (router, routed expert)."""
+    parts = []
+    for t in totals:
+        e, tokens = t.spec.num_experts, max(t.tokens, 1)
+        count = t.count[:e]
+        parts.append(
+            pd.DataFrame(
+                {
+                    "layer": t.spec.layer,
+                    "expert": np.arange(e),
+                    "count": count,
+                    "share": count / max(tokens * t.spec.top_k, 1),
+                    "token_share": count / tokens,
+                    "first_choice": t.first_choice[:e],
+                    "mean_prob": t.prob_sum[:e] / tokens,
+                    "mean_weight": np.divide(
+                        t.weight_sum[:e], count, out=np.full(e, np.nan), where=count > 0
+                    ),
+                    "router": t.spec.kind,
+                }
+            )
+        )
+    if not parts:
+        return _frame(schemas.EXPERTS, {name: [] for name in schemas.EXPERTS.names})
+    return pd.concat(parts, ignore_index=True)[schemas.EXPERTS.names].astype(schemas.EXPERTS.dtypes)
+
+
+def coactivation_frame(totals: Sequence[RouterTotals]) -> pd.DataFrame:
+    """Expert pairs chosen together at least once, both orders, with N[a,b]/N[a]."""
+    parts = []
+    for t in totals:
+        e = t.spec.num_experts
+        a, b = np.nonzero(t.coactivation)
+        counts = t.coactivation[a, b]
+        parts.append(
+            pd.DataFrame(
+                {
+                    "layer": t.spec.layer,
+                    "expert_a": a,
+                    "expert_b": b,
+                    "count": counts,
+                    "share_of_a": counts / np.maximum(t.count[:e][a], 1),
+                    "router": t.spec.kind,
+                }
+            )
+        )
+    if not parts:
+        return _frame(schemas.COACTIVATION, {name: [] for name in schemas.COACTIVATION.names})
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[schemas.COACTIVATION.names].astype(schemas.COACTIVATION.dtypes)

@@ -1,0 +1,163 @@
+"""Streaming per-router statistics, accumulated on each router's own device with no host syncs.
+
+Every batch adds into fixed-size tensors ([C], [E, E], scalars), so memory does not grow with the
+corpus. Pad rows are neutralised arithmetically (expert id -1, weight 0) rather than by boolean
+indexing, which would synchronise. The host sees the tensors once, in ``finish``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moe_inspect import metrics
+from moe_inspect.capture import RouterOutput
+from moe_inspect.routers import RouterSpec
+
+
+@dataclass
+class RouterTotals:
+    """Host copies of one router's sums, ready for the end-of-run metric functions."""
+
+    spec: RouterSpec
+    tokens: int
+    count: np.ndarray  # [C] assignments per column (routed then null experts)
+    first_choice: np.ndarray  # [C]
+    prob_sum: np.ndarray  # [C] sum over tokens of the family's routing probability
+    weight_sum: np.ndarray  # [C] sum of combine weights of the tokens that chose the column
+    coactivation: np.ndarray  # [E, E]
+    entropy_sum: float
+    top1_sum: float
+    z_sum: float
+    aux_count: np.ndarray | None  # [C'] HF top-k-of-softmax counts over the recorded logits' columns
+    aux_prob_sum: np.ndarray | None
+    repeat_first: int
+    repeat_any: int
+    pairs: int
+    dropped: dict[float, int] = field(default_factory=dict)
+
+
+class _RouterState:
+    """Device-side sums for one router, allocated on the first call (on the device its outputs live on)."""
+
+    def __init__(self, spec: RouterSpec, capacity_factors: tuple[float, ...], device: torch.device) -> None:
+        c, e = spec.num_columns, spec.num_experts
+        self.spec = spec
+        self.has_logits = spec.scoring not in ("probabilities", "product_key")
+        z = {"device": device}
+        self.count = torch.zeros(c, dtype=torch.int64, **z)
+        self.first = torch.zeros(c, dtype=torch.int64, **z)
+        self.prob_sum = torch.zeros(c, dtype=torch.float64, **z)
+        self.weight_sum = torch.zeros(c, dtype=torch.float64, **z)
+        self.coact = torch.zeros(e, e, dtype=torch.int64, **z)
+        self.scalars = torch.zeros(3, dtype=torch.float64, **z)  # entropy, top-1 prob, z-loss sums
+        self.repeats = torch.zeros(3, dtype=torch.int64, **z)  # same first, any overlap, pairs
+        self.dropped = torch.zeros(len(capacity_factors), dtype=torch.int64, **z)
+        self.aux_count: torch.Tensor | None = None
+        self.aux_prob: torch.Tensor | None = None
+        self.tokens = 0
+
+
+class BalanceAccumulator:
+    """Capture sink for ``balance``: call ``begin_batch`` before each forward, ``finish`` at the end."""
+
+    def __init__(self, routers: list[RouterSpec], capacity_factors: tuple[float, ...] = (1.0, 1.25, 2.0)) -> None:
+        self.routers = routers
+        self.capacity_factors = tuple(capacity_factors)
+        self._states: dict[int, _RouterState] = {}
+        self._mask_cpu: torch.Tensor | None = None
+        self._masks: dict[torch.device, torch.Tensor] = {}
+        self._batch_tokens = 0
+        self.batches = 0
+
+    def begin_batch(self, attention_mask: torch.Tensor) -> None:
+        """Register the (B, S) mask of the batch about to run; its real-token count is read on the host."""
+        self._mask_cpu = attention_mask
+        self._masks = {}
+        self._batch_tokens = int(attention_mask.sum())  # a CPU tensor from the corpus reader: no device sync
+        self.batches += 1
+
+    def _mask_on(self, device: torch.device) -> torch.Tensor:
+        mask = self._masks.get(device)
+        if mask is None:
+            assert self._mask_cpu is not None, "begin_batch() must be called before the forward"
+            mask = self._mask_cpu.to(device, non_blocking=True).bool()
+            self._masks[device] = mask
+        return mask
+
+    def __call__(self, spec: RouterSpec, out: RouterOutput) -> None:
+        device = out.experts.device
+        state = self._states.get(spec.index)
+        if state is None:
+            state = self._states[spec.index] = _RouterState(spec, self.capacity_factors, device)
+        mask2d = self._mask_on(device)
+        batch, seq = mask2d.shape
+        mask = mask2d.reshape(-1)
+        if out.experts.shape[0] != mask.numel():
+            raise RuntimeError(
+                f"router {spec.path} saw {out.experts.shape[0]} rows but the batch has {mask.numel()} positions"
+            )
+        maskf = mask.to(torch.float32)
+        c, e, k = spec.num_columns, spec.num_experts, out.experts.shape[1]
+        experts = torch.where(mask.unsqueeze(-1), out.experts, -1)
+        state.tokens += self._batch_tokens
+        state.count += metrics.expert_counts(experts, c)
+        state.first += metrics.first_choice_counts(experts, c)
+        weights = out.weights.float() * maskf.unsqueeze(-1)
+        state.weight_sum.index_add_(0, experts.clamp_min(0).reshape(-1), weights.reshape(-1).double())
+        probs = out.probabilities(spec)
+        state.prob_sum += (probs * maskf.unsqueeze(-1)).sum(0).double()
+        top1, _ = metrics.top1_margin(probs)
+        sums = [
+            (metrics.router_entropy(probs) * maskf).sum(),
+            (top1 * maskf).sum(),
+            (metrics.z_loss(out.logits) * maskf).sum() if state.has_logits else torch.zeros((), device=device),
+        ]
+        state.scalars += torch.stack(sums).double()
+        if state.has_logits:
+            aux_count, aux_prob, _ = metrics.aux_loss_sums(out.logits, k, mask)
+            if state.aux_count is None:
+                state.aux_count = torch.zeros_like(aux_count, dtype=torch.float64)
+                state.aux_prob = torch.zeros_like(aux_prob, dtype=torch.float64)
+            state.aux_count += aux_count.double()
+            state.aux_prob += aux_prob.double()  # type: ignore[operator]
+        state.repeats += torch.stack(metrics.repeat_counts_batched(experts.view(batch, seq, k), mask2d))
+        for i, cf in enumerate(self.capacity_factors):
+            capacity = metrics.expert_capacity(self._batch_tokens, k, e, cf)
+            state.dropped[i] += metrics.dropped_assignments(experts, e, cf, capacity=capacity)
+        state.coact += metrics.coactivation_counts(experts, e)
+
+    def finish(self) -> list[RouterTotals]:
+        """Copy every router's sums to the host (one copy per tensor) for the end-of-run metrics."""
+        totals = []
+        for spec in self.routers:
+            state = self._states.get(spec.index)
+            if state is None:
+                continue
+            scalars = state.scalars.cpu().numpy()
+            repeats = state.repeats.cpu().numpy()
+            dropped = state.dropped.cpu().numpy()
+            totals.append(
+                RouterTotals(
+                    spec=spec,
+                    tokens=state.tokens,
+                    count=state.count.cpu().numpy(),
+                    first_choice=state.first.cpu().numpy(),
+                    prob_sum=state.prob_sum.cpu().numpy(),
+                    weight_sum=state.weight_sum.cpu().numpy(),
+                    coactivation=state.coact.cpu().numpy(),
+                    entropy_sum=float(scalars[0]),
+                    top1_sum=float(scalars[1]),
+                    z_sum=float(scalars[2]) if state.has_logits else math.nan,
+                    aux_count=None if state.aux_count is None else state.aux_count.cpu().numpy(),
+                    aux_prob_sum=None if state.aux_prob is None else state.aux_prob.cpu().numpy(),
+                    repeat_first=int(repeats[0]),
+                    repeat_any=int(repeats[1]),
+                    pairs=int(repeats[2]),
+                    dropped={cf: int(d) for cf, d in zip(self.capacity_factors, dropped, strict=True)},
+                )
+            )
+        return totals

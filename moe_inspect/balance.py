@@ -1,0 +1,116 @@
+"""Run a corpus through the model with the balance accumulator hooked in, and package the result."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.capture import capture
+from moe_inspect.corpus import Batch
+from moe_inspect.export import write_csv, write_json
+from moe_inspect.loading import LoadedModel
+from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
+
+DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
+_PACKAGES = ("moe-inspect", "torch", "transformers", "accelerate", "tokenizers", "bitsandbytes", "pandas")
+
+Progress = Callable[[Batch], None]
+
+
+@dataclass
+class BalanceReport:
+    """Per-layer, per-expert and co-activation tables plus what was run (``run``, written as run.json)."""
+
+    layers: pd.DataFrame
+    experts: pd.DataFrame
+    coactivation: pd.DataFrame
+    run: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.run.get("partial"))
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        """layers.csv, experts.csv, coactivation.csv and run.json, each written atomically."""
+        out = Path(out_dir)
+        return [
+            write_csv(self.layers, out / "layers.csv"),
+            write_csv(self.experts, out / "experts.csv"),
+            write_csv(self.coactivation, out / "coactivation.csv"),
+            write_json(self.run, out / "run.json"),
+        ]
+
+
+def package_versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def run_balance(
+    loaded: LoadedModel,
+    batches: Iterable[Batch],
+    capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
+    progress: Progress | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> BalanceReport:
+    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial)."""
+    accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+    device = loaded.input_device
+    tokens = 0
+    partial = False
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode(), capture(loaded.routers, sink=accumulator, keep=False):
+            for batch in batches:
+                accumulator.begin_batch(batch.attention_mask)
+                loaded.model(
+                    input_ids=batch.input_ids.to(device, non_blocking=True),
+                    attention_mask=batch.attention_mask.to(device, non_blocking=True),
+                    use_cache=False,
+                )
+                tokens += batch.tokens
+                if progress is not None:
+                    progress(batch)
+    except KeyboardInterrupt:
+        partial = True
+    elapsed = time.perf_counter() - started
+    totals = accumulator.finish()
+    run = {
+        "model": loaded.model_id,
+        "model_type": loaded.model_type,
+        "revision": loaded.revision,
+        "dtype": loaded.dtype,
+        "device": loaded.device,
+        "quantization": loaded.quantization,
+        "tokens": tokens,
+        "batches": accumulator.batches,
+        "capacity_factors": list(capacity_factors),
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "partial": partial,  # Ctrl-C: an interrupted batch may be counted by its first routers only
+        "routers": [spec.describe() for spec in loaded.routers],
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **(run_info or {}),
+    }
+    return BalanceReport(
+        layers=layers_frame(totals, capacity_factors),
+        experts=experts_frame(totals),
+        coactivation=coactivation_frame(totals),
+        run=run,
+    )
