@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from moe_inspect.cli.balance import balance
 from moe_inspect.cli.route import route
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ def _root() -> None:
 
 
 app.command()(route)
+app.command()(balance)
 
 try:  # commands written in parallel land one by one
     from moe_inspect.cli.info import info

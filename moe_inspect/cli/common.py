@@ -46,6 +46,7 @@ def load_for_cli(
     device_map: str | None = None,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
+    tokenizer: Any = None,
 ) -> Inspector:
     """Load and say in one line what was loaded (and that it is the demo model, when it is)."""
     from transformers.utils import logging as hf_logging
@@ -56,6 +57,7 @@ def load_for_cli(
         with err.status("Loading model…"):
             insp = load(
                 model,
+                tokenizer=tokenizer,
                 dtype=dtype,
                 device=device,
                 revision=revision,

@@ -1,0 +1,167 @@
+"""Balance report in the terminal: a per-layer summary and a layers-by-experts load heatmap.
+
+The heatmap colours each expert by its share relative to uniform (share * E) on a log2 scale, one
+character per expert, wrapping long rows so 256 experts stay readable in 80 columns.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from moe_inspect.balance import BalanceReport
+from moe_inspect.tables import drop_column
+
+# log2(share * E) buckets from cold to hot; the middle one is "about uniform".
+_SCALE = (
+    (-math.inf, -2.0, "#2c7bb6", "< 1/4×"),
+    (-2.0, -1.0, "#6baed6", "1/4–1/2×"),
+    (-1.0, -0.415, "#c6dbef", "1/2–3/4×"),
+    (-0.415, 0.415, "#f0f0f0", "≈ uniform"),
+    (0.415, 1.0, "#fdae61", "1.3–2×"),
+    (1.0, 2.0, "#f46d43", "2–4×"),
+    (2.0, math.inf, "#a50026", "> 4×"),
+)
+
+
+def _colour(ratio: float) -> str:
+    if ratio <= 0:
+        return "black"
+    value = math.log2(ratio)
+    for low, high, colour, _ in _SCALE:
+        if low <= value < high:
+            return colour
+    return _SCALE[-1][2]
+
+
+# (header, column, format, priority): lower priority columns go first when the terminal is narrow.
+_SUMMARY_COLUMNS = (
+    ("layer", "layer", "{}", 0),
+    ("tokens", "tokens", "{:,}", 5),
+    ("E/k", None, "", 3),
+    ("load H", "load_entropy", "{:.3f}", 0),
+    ("eff.E", "effective_experts", "{:.1f}", 4),
+    ("rtr H", "router_entropy", "{:.3f}", 1),
+    ("top1 p", "top1_prob", "{:.3f}", 6),
+    ("max/mean", "max_over_mean", "{:.2f}", 1),
+    ("CV", "cv", "{:.2f}", 7),
+    ("dead", "dead_experts", "{}", 0),
+    ("aux", "aux_loss", "{:.3f}", 2),
+    ("rep1", "repeat_first", "{:.2f}", 5),
+)
+
+
+def _cell(row: dict, key: str | None, fmt: str) -> Text:
+    if key is None:
+        return Text(f"{row['experts']}/{row['top_k']}")
+    value = row[key]
+    if key == "layer":
+        return Text(f"{value}{'a' if row['router'] == 'attention' else ''}")
+    if isinstance(value, float) and math.isnan(value):
+        return Text("–", style="dim")
+    return Text(fmt.format(value), style="bold red" if key == "dead_experts" and value > 0 else "")
+
+
+def summary_table(layers: pd.DataFrame, capacity_factors: list[float], width: int = 200) -> Table:
+    """One row per MoE router with the figures people look at first, fitted to ``width``."""
+    columns = list(_SUMMARY_COLUMNS) + [(f"drop@{cf:g}", drop_column(cf), "{:.1%}", 2) for cf in capacity_factors]
+    records = layers.to_dict("records")
+    cells = {c[0]: [_cell(r, c[1], c[2]) for r in records] for c in columns}
+
+    def needed(cols: list) -> int:
+        return sum(max([len(c[0])] + [len(t.plain) for t in cells[c[0]]]) + 3 for c in cols) + 1
+
+    while needed(columns) > width and any(c[3] > 0 for c in columns):
+        columns.remove(max(columns, key=lambda c: (c[3], columns.index(c))))
+    table = Table(title="Per-layer routing summary", header_style="bold", pad_edge=False)
+    for header, *_ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for i in range(len(records)):
+        table.add_row(*[cells[c[0]][i] for c in columns])
+    return table
+
+
+def heatmap(experts: pd.DataFrame, width: int) -> Group:
+    """Layers × experts; one coloured cell per expert, rows wrapped to ``width``."""
+    label_width = 6
+    # groups of 8 cells plus a space; room for a " 192-255" range label when a row wraps
+    per_line = max(8, min(128, (width - label_width - 10) // 9 * 8))
+    lines: list[Text] = [Text("Expert load relative to uniform (share × E), one cell per expert", style="bold")]
+    for (layer, router), group in experts.groupby(["layer", "router"], sort=False):
+        shares = group.sort_values("expert")["share"].to_numpy()
+        ratios = shares * len(shares)
+        label = f"L{layer}{'a' if router == 'attention' else ''}"
+        for start in range(0, len(ratios), per_line):
+            line = Text(f"{label if start == 0 else '':>{label_width - 1}} ")
+            for i, ratio in enumerate(ratios[start : start + per_line]):
+                if i and i % 8 == 0:
+                    line.append(" ")
+                line.append("·" if ratio == 0 else "█", style=_colour(float(ratio)))
+            if len(ratios) > per_line:
+                line.append(f" {start}-{min(start + per_line, len(ratios)) - 1}", style="dim")
+            lines.append(line)
+    legend = Text("legend: ")
+    for _, _, colour, name in _SCALE:
+        legend.append("█", style=colour)
+        legend.append(f" {name}  ")
+    legend.append("· dead", style="dim")
+    lines.append(legend)
+    return Group(*lines)
+
+
+def render_balance(report: BalanceReport, console: Console) -> None:
+    """Summary table, heatmap and one line on what was measured."""
+    run = report.run
+    console.print(summary_table(report.layers, run["capacity_factors"], console.width))
+    console.print(heatmap(report.experts, console.width))
+    note = " (partial: interrupted)" if run.get("partial") else ""
+    console.print(
+        f"[dim]{run['tokens']:,} tokens in {run['batches']} batches of up to {run['batch_size']} × "
+        f"{run['seq_len']} ({run['mode']}), {run['elapsed_s']:.1f} s, {run['tokens_per_s'] or 0:,.0f} tokens/s"
+        f"{note}[/dim]"
+    )
+
+
+def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """The same heatmap as a PNG (matplotlib, the `plot` extra), written atomically."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    keys = list(dict.fromkeys(zip(experts["layer"], experts["router"], strict=True)))
+    width = int(experts["expert"].max()) + 1
+    grid = np.full((len(keys), width), np.nan)
+    for row, (layer, router) in enumerate(keys):
+        group = experts[(experts["layer"] == layer) & (experts["router"] == router)]
+        ratio = group["share"].to_numpy() * len(group)
+        grid[row, group["expert"].to_numpy()] = np.log2(np.clip(ratio, 1 / 64, None))
+    fig, ax = plt.subplots(figsize=(min(4 + width * 0.08, 24), 1.5 + len(keys) * 0.25))
+    image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0, vmin=-3, vmax=3))
+    ax.set_yticks(range(len(keys)), [f"{layer}{'a' if router == 'attention' else ''}" for layer, router in keys])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "expert load relative to uniform (log2 share × E)")
+    fig.colorbar(image, ax=ax, label="log2(share × E)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
