@@ -17,6 +17,7 @@ from torch import nn
 from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic, router_linear_names
+from moe_inspect.units import human_bytes
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
@@ -175,6 +176,50 @@ def probe_routers(model: nn.Module, routers: list[RouterSpec], input_device: tor
             spec.num_experts = int(out.logits.shape[-1]) - spec.null_experts
 
 
+_BNB_PARAMS = {"Params4bit", "Int8Params"}
+
+
+def routed_expert_modules(model: nn.Module, routers: list[RouterSpec]) -> list[nn.Module]:
+    """The routed-experts module beside each router (``mlp.experts`` and kin), where it has one."""
+    found: dict[int, nn.Module] = {}
+    for spec in routers:
+        parent_path = spec.path.rsplit(".", 1)[0] if "." in spec.path else ""
+        owner = spec.module if spec.parser == "doge" else model.get_submodule(parent_path)
+        experts = getattr(owner, "experts", None)
+        if isinstance(experts, nn.Module):
+            found[id(experts)] = experts
+    return list(found.values())
+
+
+def quantization_report(model: nn.Module, routers: list[RouterSpec]) -> str:
+    """One line: footprint, and whether the routed experts were really quantized.
+
+    transformers 5 keeps experts as fused 3-D parameters, which bitsandbytes leaves alone, so 4-bit
+    loading of an MoE model usually saves far less than users expect; say so rather than imply otherwise.
+    """
+    experts = routed_expert_modules(model, routers)
+    params = [p for module in experts for p in module.parameters()]
+    quantized = [p for p in params if type(p).__name__ in _BNB_PARAMS]
+    expert_bytes = sum(p.numel() * p.element_size() for p in params)
+    total = int(model.get_memory_footprint())
+    router_linears = [
+        m for spec in routers for m in spec.module.modules() if type(m).__name__ in {"Linear4bit", "Linear8bitLt"}
+    ]
+    router_note = (
+        "routers kept in full precision" if not router_linears else f"{len(router_linears)} router linears quantized"
+    )
+    if params and not quantized:
+        dtype = str(params[0].dtype).removeprefix("torch.")
+        return (
+            f"Quantized footprint {human_bytes(total)}; routed experts were NOT quantized: transformers stores "
+            f"them as fused 3-D tensors that bitsandbytes skips, so {human_bytes(expert_bytes)} of experts stay "
+            f"{dtype}; {router_note}."
+        )
+    return (
+        f"Quantized footprint {human_bytes(total)}; {len(quantized)} routed-expert tensors quantized; {router_note}."
+    )
+
+
 def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer alone (fast), so corpus checks can run before the weights load."""
     from transformers import AutoTokenizer
@@ -265,6 +310,8 @@ def load(
     )
     loaded.routers = _routers_for(hf_model, loaded.input_device, trust_remote_code)
     probe_routers(hf_model, loaded.routers, loaded.input_device)
+    if quantization:
+        loaded.notes.append(quantization_report(hf_model, loaded.routers))
     return loaded
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,6 +13,7 @@ from rich.console import Console
 
 from moe_inspect.api import Inspector, load
 from moe_inspect.errors import UserError
+from moe_inspect.units import human_bytes
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -33,10 +35,6 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
 def load_for_cli(
     model: str | None,
     dtype: str = "auto",
@@ -52,6 +50,9 @@ def load_for_cli(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the one status line below says what was loaded
+    # bitsandbytes logs on every int8 matmul that fp32 inputs are cast, and on CPU that an optional
+    # kernel package is missing; the status line below says what matters.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         with err.status("Loading model…"):
@@ -81,7 +82,7 @@ def load_for_cli(
     err.print(
         f"[dim]{loaded.model_type}: {len(routers)} routers, {'/'.join(map(str, experts))} experts, "
         f"top-{'/'.join(map(str, ks))}; {loaded.dtype} on {loaded.device}; "
-        f"{_gib(loaded.footprint_bytes())} in memory[/dim]",
+        f"{human_bytes(loaded.footprint_bytes())} in memory[/dim]",
         soft_wrap=True,
     )
     for note in loaded.notes:
