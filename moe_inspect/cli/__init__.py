@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from moe_inspect.cli.balance import balance
-from moe_inspect.cli.route import route
+from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
+from moe_inspect.cli.route import ROUTE_EXAMPLES, route
 
 app = typer.Typer(
     name="moe-inspect",
@@ -22,8 +22,8 @@ def _root() -> None:
     """See what the routers of a Mixture-of-Experts model do: per-token routes, expert load, model size."""
 
 
-app.command()(route)
-app.command()(balance)
+app.command(epilog=ROUTE_EXAMPLES)(route)
+app.command(epilog=BALANCE_EXAMPLES)(balance)
 
 try:  # commands written in parallel land one by one
     from moe_inspect.cli.info import info

@@ -26,8 +26,7 @@ from moe_inspect.errors import UserError
 from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
 from moe_inspect.render.balance import render_balance, write_heatmap_png
 
-BALANCE_EXAMPLES = """
-Examples:
+BALANCE_EXAMPLES = """Examples:
 
   moe-inspect balance corpus.txt
 
@@ -121,5 +120,3 @@ def balance(
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches routed before Ctrl-C.")
         raise typer.Exit(130)
 
-
-balance.__doc__ = (balance.__doc__ or "") + BALANCE_EXAMPLES

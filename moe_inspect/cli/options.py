@@ -7,16 +7,21 @@ from typing import Annotated
 
 import typer
 
+MODEL_PANEL = "Model loading"
+
 ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
         "-m",
+        rich_help_panel=MODEL_PANEL,
         help="Hub id (e.g. mistralai/Mixtral-8x7B-v0.1) or local folder. Default: $MOE_INSPECT_MODEL, "
         "else the small demo model shipped with moe-inspect.",
         show_default=False,
     ),
 ]
+
+
 class Dtype(str, Enum):
     auto = "auto"
     float32 = "float32"
@@ -24,26 +29,50 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weight dtype; auto keeps the checkpoint's.")]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N; auto picks cuda when available.")
+DtypeOpt = Annotated[
+    Dtype, typer.Option("--dtype", rich_help_panel=MODEL_PANEL, help="Weight dtype; auto keeps the checkpoint's.")
 ]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Git revision (branch, tag or commit) on the Hub.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda or cuda:N; auto picks cuda when available."
+    ),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", rich_help_panel=MODEL_PANEL, help="Git revision (branch, tag or commit) on the Hub."),
+]
 TrustRemoteCodeOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code from the Hub to run.")
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        rich_help_panel=MODEL_PANEL,
+        help="Allow the model's own Python code from the Hub to run.",
+    ),
 ]
 DeviceMapOpt = Annotated[
     str | None,
     typer.Option(
         "--device-map",
+        rich_help_panel=MODEL_PANEL,
         help="accelerate device map, e.g. 'auto' to spread a model over GPUs with CPU offload.",
     ),
 ]
 LoadIn4bitOpt = Annotated[
-    bool, typer.Option("--load-in-4bit", help="Quantize with bitsandbytes nf4 (routers stay full precision).")
+    bool,
+    typer.Option(
+        "--load-in-4bit",
+        rich_help_panel=MODEL_PANEL,
+        help="Quantize with bitsandbytes nf4 (routers stay full precision).",
+    ),
 ]
 LoadIn8bitOpt = Annotated[
-    bool, typer.Option("--load-in-8bit", help="Quantize with bitsandbytes int8 (routers stay full precision).")
+    bool,
+    typer.Option(
+        "--load-in-8bit",
+        rich_help_panel=MODEL_PANEL,
+        help="Quantize with bitsandbytes int8 (routers stay full precision).",
+    ),
 ]
 
 

@@ -25,8 +25,7 @@ from moe_inspect.errors import UserError
 from moe_inspect.export import write_csv
 from moe_inspect.render.route import render_route
 
-ROUTE_EXAMPLES = """
-Examples:
+ROUTE_EXAMPLES = """Examples:
 
   moe-inspect route "def add(a, b): return a + b"
 
@@ -85,5 +84,3 @@ def route(
         write_csv(frame, csv)
         err.print(f"Wrote {len(frame)} rows to {csv}")
 
-
-route.__doc__ = (route.__doc__ or "") + ROUTE_EXAMPLES
