@@ -67,7 +67,7 @@ LAYERS = Schema(
         Column("load_entropy", "float64", "entropy of the assignment-share vector / log E (1 = uniform)"),
         Column("effective_experts", "float64", "exp(entropy of the share vector)"),
         Column("router_entropy", "float64", "mean per-token routing entropy / log C under the family's scoring"),
-        Column("top1_prob", "float64", "mean routing probability of the first choice"),
+        Column("top1_prob", "float64", "mean over tokens of the highest routing probability"),
         Column("cv", "float64", "coefficient of variation of expert counts (population std / mean)"),
         Column("max_over_mean", "float64", "max count / mean count (MaxVio + 1)"),
         Column("jain", "float64", "Jain's fairness index of counts, in [1/E, 1]"),
