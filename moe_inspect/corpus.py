@@ -6,6 +6,7 @@ handed out batch by batch.
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import hashlib
 import io
@@ -63,6 +64,7 @@ class Batch:
 
 def _spool_stdin() -> Path:
     with tempfile.NamedTemporaryFile(prefix="moe-inspect-stdin-", suffix=".txt", delete=False) as handle:
+        atexit.register(Path(handle.name).unlink, missing_ok=True)  # a piped corpus can be gigabytes
         shutil.copyfileobj(sys.stdin.buffer, handle)
     return Path(handle.name)
 
