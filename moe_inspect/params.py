@@ -1,0 +1,634 @@
+"""Model size from the config alone: total, routed-expert and active parameters, and weight memory.
+
+The model is built on the meta device with ``torch.device("meta")``. accelerate's default
+``init_empty_weights()`` is not enough in transformers 5: fused experts call ``torch.empty(E, 2I, H)``
+before accelerate moves anything, which is a 30 GB CPU allocation for DeepSeek-V3.
+
+Counting rules (why each one, since publishers count differently):
+
+* total = sum of ``numel`` over ``model.parameters()``: buffers (RoPE tables, DeepSeek's
+  ``e_score_correction_bias``) are not weights, and tied embeddings are counted once.
+* routed-expert parameters of a router = the parameters of the ``experts`` module of the router's MoE
+  block (the router's parent; for Doge, whose recorded module is the whole block, the block itself). When
+  the block has no ``experts`` attribute (JetMoE), they are the block's parameters whose first dimension is
+  E, leaving out the router and the shared experts.
+* active per token = total - sum over routers of routed * (1 - k/E): every parameter is used for every
+  token except the E - k experts a token was not routed to.
+* "active excluding the input embedding" subtracts the embedding matrix, because an embedding lookup reads
+  one row per token; with tied embeddings the same matrix is the LM head, so nothing is subtracted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_inspect.errors import NotMoEError, UserError
+from moe_inspect.families import facts_for
+from moe_inspect.routers import (
+    _EXPERT_COUNT_ATTRS,
+    _SHARED_ATTRS,
+    _SHARED_COUNT_KEYS,
+    _TOP_K_ATTRS,
+    RouterSpec,
+    find_routers,
+    layer_index,
+)
+
+# Bytes per parameter for weight-memory estimates (weights only: no scales, KV cache or activations).
+BYTES_PER_PARAM: dict[str, float] = {"fp32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+
+_LAYER_STACK_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|blocks|h|layer))\.\d+(?:\.|$)")
+_GROUP_ATTRS = ("num_group", "n_group", "num_expert_group")
+_SCALE_ATTRS = (
+    "routed_scaling_factor",
+    "route_scale",
+    "router_scaling_factor",
+    "moe_router_scaling_factor",
+    "moe_routed_scaling_factor",
+)
+_MTP_ATTRS = ("num_nextn_predict_layers", "mtp_num_layers", "num_mtp_layers")
+
+# How the k chosen weights are normalised, for families whose modules hold no ``norm_topk_prob``.
+# Display only (selection does not depend on it); from shared/reference/transformers-moe-routers.md §1-2.
+_RENORM_ALWAYS = frozenset(
+    "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 minimax_m3_vl "
+    "minimax_m3_vl_text laguna afmoe hy_v3 zaya".split()
+)
+_RENORM_NEVER = frozenset("jamba deepseek_v2 longcat_flash llama4 llama4_text".split())
+_SOFTMAX_OVER_CHOSEN = frozenset(
+    "aria_text gpt_oss granitemoe granitemoe_swa granitemoehybrid granitemoeshared jetmoe cohere2_moe".split()
+)
+_SCORING_WORDS = {
+    "softmax": "softmax scores",
+    "sigmoid": "sigmoid scores",
+    "sqrtsoftplus": "sqrt-softplus scores",
+    "probabilities": "softmax probabilities (computed inside the router)",
+    "product_key": "product-key scores (two half-keys per expert)",
+}
+
+
+@dataclass
+class RouterInfo:
+    """One router's share of the parameter count."""
+
+    layer: int
+    kind: str
+    path: str
+    experts: int
+    top_k: int
+    shared_experts: int
+    routed_expert_params: int
+
+
+@dataclass
+class LayerInfo:
+    """One decoder layer; an MoE layer's figures are those of its MLP router (JetMoE also has MoA)."""
+
+    layer: int
+    kind: str  # "moe" or "dense"
+    experts: int
+    top_k: int
+    shared_experts: int
+    routed_expert_params: int
+
+
+@dataclass
+class ModelInfo:
+    """Everything ``moe-inspect info`` reports; ``to_dict`` is the ``--json`` object."""
+
+    model_type: str
+    model_class: str
+    num_layers: int
+    moe_layers: list[int]
+    dense_layers: list[int]
+    num_experts: int | list[int]  # one int when every MoE layer agrees, else one value per MoE layer
+    top_k: int | list[int]
+    shared_experts: int | list[int]
+    scoring: str | None
+    selection: str | None
+    routing_rule: str
+    total_params: int
+    routed_expert_params: int
+    active_params: int
+    active_params_excl_input_embedding: int
+    input_embedding_params: int
+    lm_head_params: int
+    tied_embeddings: bool
+    activation_ratio: float
+    memory: dict[str, dict[str, int]]
+    layers: list[LayerInfo] = field(default_factory=list)
+    routers: list[RouterInfo] = field(default_factory=list)
+    heuristic: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data; byte counts are ints (int4 rounds up half bytes)."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else that does not exist is a mistyped path."""
+    return (
+        model.startswith((".", "/", "~"))
+        or model.count("/") > 1
+        or "\\" in model
+        or model.endswith(".json")
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of an exception; validation errors put the reason on the line after 'field x:'."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text.rstrip(".")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """Parse the config ourselves so a broken file gets a precise sentence, not a transformers traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"'{path}' is not a UTF-8 text file, so it cannot be a config.json.") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"'{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
+        ) from None
+    except OSError as exc:
+        raise UserError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' holds a JSON {type(data).__name__}, not the object a config.json holds.")
+    return data
+
+
+def _check_model_type(data: dict[str, Any], path: Path, trust_remote_code: bool) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = data.get("model_type")
+    if not model_type:
+        raise UserError(f"'{path}' has no model_type, so transformers cannot tell which architecture it describes.")
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in data):
+        import transformers
+
+        known = f"transformers {transformers.__version__} does not know model type '{model_type}'"
+        if trust_remote_code:
+            raise UserError(f"{known} and the config names no code of its own (auto_map).")
+        raise UserError(f"{known}; if the model ships its own code, retry with --trust-remote-code.")
+
+
+def load_config(
+    model: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    token: str | bool | None = None,
+) -> Any:
+    """A ``PretrainedConfig`` from a Hub id, a model folder or a path to a config JSON file.
+
+    Only the config is read, never weights. Every failure the user can fix is a ``UserError`` with one
+    sentence: a missing path, malformed JSON, an unknown model type (suggesting --trust-remote-code),
+    or a Hub id that is not cached while offline.
+    """
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_dir():
+            config_file = path / "config.json"
+            if not config_file.is_file():
+                raise UserError(f"'{model}' has no config.json, so it is not a transformers model folder.")
+        else:
+            config_file = path
+        data = _read_json(config_file)
+        _check_model_type(data, config_file, trust_remote_code)
+        source = str(path) if path.is_dir() else str(config_file)
+        try:
+            return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # the user's file: any failure to parse it is theirs to fix
+            if "trust_remote_code" in str(exc):
+                raise UserError(
+                    f"'{model}' needs its own code to load; retry with --trust-remote-code."
+                ) from None
+            raise UserError(f"'{model}' is not a valid {data['model_type']} config: {_first_line(exc)}.") from None
+    if _looks_like_path(model):
+        raise UserError(f"No such file or folder: '{model}'.")
+    try:
+        return AutoConfig.from_pretrained(
+            model, revision=revision, trust_remote_code=trust_remote_code, token=token
+        )
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        text = str(exc)
+        if "does not recognize this architecture" in text:
+            raise UserError(
+                f"transformers does not know the model type of '{model}'; retry with --trust-remote-code."
+            ) from None
+        if "trust_remote_code" in text:
+            raise UserError(f"'{model}' needs its own code to load; retry with --trust-remote-code.") from None
+        if _offline() and isinstance(exc, OSError):
+            raise UserError(
+                f"'{model}' is not in the local Hugging Face cache and the machine is offline (HF_HUB_OFFLINE is set)."
+            ) from None
+        raise UserError(f"Could not read the config of '{model}': {_first_line(exc)}.") from None
+
+
+def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every tensor on the meta device: shapes without memory, in a fraction of a second.
+
+    Causal-LM class first (it has the LM head publishers count); configs whose type maps only to a
+    conditional-generation class (Gemma-4, Step-3.7) fall back to image-text-to-text, then the bare model.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    model_type = getattr(config, "model_type", "unknown")
+    last: Exception = ValueError("no model class")
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            last = exc
+            if "Unrecognized configuration class" not in str(exc):
+                break
+        except Exception as exc:  # a config transformers cannot build is the user's to fix
+            last = exc
+            break
+    raise UserError(f"transformers could not build a '{model_type}' model from this config: {_first_line(last)}.")
+
+
+# -------------------------------------------------------------------------------------------- counting
+
+
+def _safe_getattr(obj: Any, name: str) -> Any:
+    """getattr that survives per-layer configs, whose global attributes raise a RuntimeError subclass."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
+def _first_int(obj: Any, names: tuple[str, ...], layer: int = -1) -> int | None:
+    for name in names:
+        value = _safe_getattr(obj, name)
+        if isinstance(value, (list, tuple)) and value and 0 <= layer < len(value):
+            value = value[layer]
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _first_number(objs: tuple[Any, ...], names: tuple[str, ...]) -> float | None:
+    for obj in objs:
+        for name in names:
+            value = _safe_getattr(obj, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    return None
+
+
+def _text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _parent(model: nn.Module, path: str) -> nn.Module | None:
+    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
+
+
+def _moe_block(model: nn.Module, spec: RouterSpec) -> nn.Module | None:
+    """The module holding this router's experts: its parent, or itself when it is the whole block (Doge)."""
+    if facts_for(spec.model_type).router_linears is not None:
+        return spec.module
+    return _parent(model, spec.path)
+
+
+def _fill_expert_count(model: nn.Module, spec: RouterSpec) -> None:
+    """E when the router spec could not read it (DBRX keeps it in ``ffn_config``; probing needs a forward)."""
+    if spec.num_experts > 0:
+        return
+    block = _moe_block(model, spec)
+    experts = getattr(block, "experts", None) if block is not None else None
+    count = _first_int(experts, _EXPERT_COUNT_ATTRS) if isinstance(experts, nn.Module) else None
+    if count is None:
+        linears = [m for m in spec.module.modules() if isinstance(m, nn.Linear)]
+        count = linears[0].out_features if len(linears) == 1 else None
+    spec.num_experts = count or 0
+
+
+def _routed_params(model: nn.Module, spec: RouterSpec) -> list[nn.Parameter]:
+    """Parameters of the experts this router chooses among (rule in the module docstring)."""
+    block = _moe_block(model, spec)
+    if block is None:
+        return []
+    experts = getattr(block, "experts", None)
+    if isinstance(experts, nn.Module) and experts is not spec.module:
+        return list(experts.parameters())
+    excluded = {id(p) for p in spec.module.parameters()} if spec.module is not block else set()
+    facts = facts_for(spec.model_type)
+    for name in facts.router_linears or ():
+        excluded |= {id(p) for p in block.get_submodule(name).parameters()}
+    for name in _SHARED_ATTRS:
+        shared = getattr(block, name, None)
+        if isinstance(shared, nn.Module):
+            excluded |= {id(p) for p in shared.parameters()}
+    experts_count = spec.num_experts
+    return [
+        p for p in block.parameters() if id(p) not in excluded and p.dim() >= 2 and p.shape[0] == experts_count
+    ]
+
+
+def _structural_routers(model: nn.Module, config: Any) -> list[RouterSpec]:
+    """Remote-code fallback on a meta model: blocks with an ``experts`` child and a gate/router beside it.
+
+    A forward pass is impossible on meta tensors, so this reads structure (names) instead of the output
+    shape that ``find_routers_heuristic`` uses on loaded models. Flagged ``heuristic``.
+    """
+    text = _text_config(config)
+    model_type = getattr(config, "model_type", "unknown")
+    top_k = _first_int(text, _TOP_K_ATTRS) or 1
+    specs: list[RouterSpec] = []
+    for path, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        gate = next(
+            (getattr(module, n) for n in ("gate", "router") if isinstance(getattr(module, n, None), nn.Module)), None
+        )
+        if not isinstance(experts, nn.Module) or gate is None:
+            continue
+        count = len(experts) if isinstance(experts, nn.ModuleList) else _first_int(text, _EXPERT_COUNT_ATTRS)
+        if not count:
+            continue
+        gate_name = "gate" if getattr(module, "gate", None) is gate else "router"
+        shared = 0
+        if any(getattr(module, a, None) is not None for a in _SHARED_ATTRS):
+            shared = _first_int(text, _SHARED_COUNT_KEYS) or 1
+        gate_path = f"{path}.{gate_name}" if path else gate_name
+        specs.append(
+            RouterSpec(
+                index=len(specs), layer=layer_index(gate_path), path=gate_path, kind="mlp", model_type=model_type,
+                router_class=type(gate).__name__, num_experts=count, top_k=min(top_k, count), null_experts=0,
+                null_label="null", scoring="softmax", parser="tuple", logits_index=0, selection="top-k",
+                shared_experts=shared, heuristic=True, module=gate,
+            )
+        )
+    return specs
+
+
+def _num_layers(model: nn.Module, config: Any, routers: list[RouterSpec]) -> int:
+    """Length of the decoder stack the routers sit in; the config's count when there is no router."""
+    if routers:
+        match = _LAYER_STACK_RE.match(routers[0].path)
+        if match:
+            stack = model.get_submodule(match.group(1))
+            if isinstance(stack, nn.ModuleList):
+                return len(stack)
+    configured = _first_int(_text_config(config), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    if configured:
+        return configured
+    return max((r.layer for r in routers), default=-1) + 1
+
+
+def _embeddings(model: nn.Module) -> tuple[int, int, bool]:
+    """(input-embedding params, LM-head params, tied)."""
+    try:
+        embed = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embed = None
+    try:
+        head = model.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        head = None
+    embed_params = {id(p): p.numel() for p in embed.parameters()} if isinstance(embed, nn.Module) else {}
+    head_params = {id(p): p.numel() for p in head.parameters()} if isinstance(head, nn.Module) else {}
+    tied = bool(embed_params) and bool(set(embed_params) & set(head_params))
+    return sum(embed_params.values()), sum(head_params.values()), tied
+
+
+def _uniform(values: list[int]) -> int | list[int]:
+    if not values:
+        return 0
+    return values[0] if len(set(values)) == 1 else values
+
+
+def _router_attr(model: nn.Module, spec: RouterSpec, names: tuple[str, ...]) -> Any:
+    """An attribute the router or its MoE block actually holds: what the model uses, not what the config says."""
+    for obj in (spec.module, _parent(model, spec.path)):
+        for name in names:
+            value = _safe_getattr(obj, name)
+            if value is not None:
+                return value
+    return None
+
+
+def routing_rule(model: nn.Module, config: Any, routers: list[RouterSpec]) -> str:
+    """The routing rule in words, from the family registry and the router modules' own settings."""
+    if not routers:
+        return "Dense: no router, every parameter is used for every token."
+    spec = next((r for r in routers if r.kind == "mlp"), routers[0])
+    model_type = spec.model_type
+    facts = facts_for(model_type)
+    text = _text_config(config)
+    experts = sorted({r.num_experts for r in routers})
+    ks = sorted({r.top_k for r in routers})
+    e_words = "/".join(map(str, experts))
+    k_words = "/".join(map(str, ks))
+    if model_type in _SOFTMAX_OVER_CHOSEN:
+        parts = [f"router logits over {e_words} routed experts"]
+    else:
+        parts = [f"{_SCORING_WORDS.get(spec.scoring, spec.scoring)} over {e_words} routed experts"]
+
+    if spec.selection == "product-key":
+        parts.append(f"top-{k_words} experts found through the best half-keys")
+    elif spec.selection == "hash":
+        parts.append(f"top-{k_words}; hash layers pick experts by token id instead")
+    elif spec.selection == "bias-corrected":
+        parts.append(
+            f"top-{k_words} chosen on score + a learned per-expert bias (bias-corrected, aux-loss-free balancing); "
+            "the weights use the unbiased scores"
+        )
+    else:
+        parts.append(f"top-{k_words} chosen")
+    if any(r.selection == "hash" for r in routers) and spec.selection != "hash":
+        parts.append("hash layers pick experts by token id")
+
+    groups = _router_attr(model, spec, _GROUP_ATTRS)
+    topk_group = _router_attr(model, spec, ("topk_group",))
+    method = _router_attr(model, spec, ("topk_method",))
+    if (
+        isinstance(groups, int) and isinstance(topk_group, int) and 1 <= topk_group < groups
+        and method not in ("greedy",)
+    ):
+        parts.append(
+            f"group-limited: only the best {topk_group} of {groups} expert groups are eligible "
+            f"(n_group={groups}, topk_group={topk_group})"
+        )
+
+    norm = _router_attr(model, spec, ("norm_topk_prob",))
+    if model_type in _RENORM_NEVER:
+        parts.append("weights are not renormalised")
+    elif model_type in _SOFTMAX_OVER_CHOSEN:
+        parts.append("weights are a softmax over the chosen experts' logits")
+    elif model_type == "dbrx":
+        p = _safe_getattr(_safe_getattr(text, "ffn_config"), "moe_normalize_expert_weights")
+        if isinstance(p, (int, float)):
+            parts.append(f"weights divided by their {p:g}-norm")
+    elif isinstance(norm, bool):
+        parts.append("weights renormalised to sum to 1" if norm else "weights are not renormalised")
+    elif model_type in _RENORM_ALWAYS:
+        parts.append("weights renormalised to sum to 1")
+
+    scale = _router_attr(model, spec, _SCALE_ATTRS)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        scale = _first_number((text,), _SCALE_ATTRS)
+    if isinstance(scale, (int, float)) and scale != 1:
+        parts.append(f"routed output scaled by {scale:g} (scaling factor)")
+
+    shared = sorted({r.shared_experts for r in routers})
+    if shared != [0]:
+        count = "/".join(map(str, shared))
+        parts.append(f"plus {count} shared expert{'s' if shared != [1] else ''} on every token")
+    nulls = max(r.null_experts for r in routers)
+    if nulls:
+        parts.append(f"{nulls} {spec.null_label} expert column{'s' if nulls > 1 else ''} after the routed ones")
+    if any(r.kind == "attention" for r in routers):
+        parts.append("a second router per layer chooses attention experts (mixture of attention)")
+    if facts.fixed_top_k:
+        parts.append(f"{model_type} always picks {facts.fixed_top_k} experts whatever the config says")
+    sentence = "; ".join(parts) + "."
+    # Notes that only repeat what the sentence already says (probabilities, MoA, fixed k) are left out.
+    repeated = spec.scoring in ("probabilities", "product_key") or any(r.kind == "attention" for r in routers)
+    if facts.note and not repeated and not facts.fixed_top_k:
+        sentence += f" Note: {facts.note}."
+    return sentence[0].upper() + sentence[1:]
+
+
+def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo:
+    """All figures of ``moe-inspect info`` for a config (built on meta), a built model, or a model id/path."""
+    if isinstance(config_or_model, str):
+        config_or_model = load_config(config_or_model, trust_remote_code=trust_remote_code)
+    if isinstance(config_or_model, nn.Module):
+        model = config_or_model
+        config = getattr(model, "config", None)
+    else:
+        config = config_or_model
+        model = build_meta_model(config, trust_remote_code=trust_remote_code)
+    model_type = str(getattr(config, "model_type", "unknown"))
+    notes: list[str] = []
+    try:
+        routers = find_routers(model)
+    except NotMoEError:
+        from transformers import CONFIG_MAPPING
+
+        routers = _structural_routers(model, config) if model_type not in CONFIG_MAPPING else []
+        if routers:
+            notes.append(
+                f"'{model_type}' is remote code: its routers were matched by structure (a block with "
+                "'experts' beside a 'gate' or 'router'), so check the figures."
+            )
+
+    total = sum(p.numel() for p in model.parameters())
+    counted: set[int] = set()
+    router_infos: list[RouterInfo] = []
+    routed_total = 0
+    inactive = 0.0
+    for spec in routers:
+        _fill_expert_count(model, spec)
+        params = [p for p in _routed_params(model, spec) if id(p) not in counted]
+        counted |= {id(p) for p in params}
+        routed = sum(p.numel() for p in params)
+        routed_total += routed
+        if spec.num_experts > 0:
+            inactive += routed * (1 - min(spec.top_k, spec.num_experts) / spec.num_experts)
+        router_infos.append(
+            RouterInfo(spec.layer, spec.kind, spec.path, spec.num_experts, spec.top_k, spec.shared_experts, routed)
+        )
+    if routers and routed_total == 0:
+        notes.append("No routed-expert parameters were found beside the routers, so active equals total.")
+    active = round(total - inactive)
+    embed_params, head_params, tied = _embeddings(model)
+    active_excl = active if tied else active - embed_params
+    if tied:
+        notes.append(
+            "Input embedding and LM head are tied (one matrix), so excluding the input embedding changes nothing."
+        )
+
+    num_layers = _num_layers(model, config, routers)
+    by_layer: dict[int, list[RouterInfo]] = {}
+    for info in router_infos:
+        by_layer.setdefault(info.layer, []).append(info)
+    moe_layers = sorted(layer for layer in by_layer if layer >= 0)
+    layers: list[LayerInfo] = []
+    for layer in range(num_layers):
+        infos = by_layer.get(layer)
+        if not infos:
+            layers.append(LayerInfo(layer, "dense", 0, 0, 0, 0))
+            continue
+        main = next((i for i in infos if i.kind == "mlp"), infos[0])
+        layers.append(
+            LayerInfo(layer, "moe", main.experts, main.top_k, main.shared_experts,
+                      sum(i.routed_expert_params for i in infos))
+        )
+    dense_layers = [entry.layer for entry in layers if entry.kind == "dense"]
+    moe_entries = [entry for entry in layers if entry.kind == "moe"]
+
+    mtp = _first_int(_text_config(config), _MTP_ATTRS)
+    if mtp:
+        notes.append(
+            f"The config declares {mtp} multi-token-prediction (MTP) layer{'s' if mtp > 1 else ''} that "
+            f"transformers does not build, so {'they are' if mtp > 1 else 'it is'} not counted."
+        )
+    if any(r.null_experts for r in routers):
+        notes.append("Zero/skip experts can take some of the k slots, so active is an upper bound.")
+
+    memory = {
+        dtype: {"all": math.ceil(total * size), "active": math.ceil(active * size)}
+        for dtype, size in BYTES_PER_PARAM.items()
+    }
+    first = next((r for r in routers if r.kind == "mlp"), routers[0] if routers else None)
+    return ModelInfo(
+        model_type=model_type,
+        model_class=type(model).__name__,
+        num_layers=num_layers,
+        moe_layers=moe_layers,
+        dense_layers=dense_layers,
+        num_experts=_uniform([e.experts for e in moe_entries]),
+        top_k=_uniform([e.top_k for e in moe_entries]),
+        shared_experts=_uniform([e.shared_experts for e in moe_entries]),
+        scoring=first.scoring if first else None,
+        selection=first.selection if first else None,
+        routing_rule=routing_rule(model, config, routers),
+        total_params=total,
+        routed_expert_params=routed_total,
+        active_params=active,
+        active_params_excl_input_embedding=active_excl,
+        input_embedding_params=embed_params,
+        lm_head_params=head_params,
+        tied_embeddings=tied,
+        activation_ratio=active / total if total else 0.0,
+        memory=memory,
+        layers=layers,
+        routers=router_infos,
+        heuristic=any(r.heuristic for r in routers),
+        notes=notes,
+    )
