@@ -77,9 +77,12 @@ def run_balance(
         with torch.inference_mode(), capture(loaded.routers, sink=accumulator, keep=False):
             for batch in batches:
                 accumulator.begin_batch(batch.attention_mask)
+                # Positions count real tokens only, so left padding also works for absolute position embeddings.
+                positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
                 loaded.model(
                     input_ids=batch.input_ids.to(device, non_blocking=True),
                     attention_mask=batch.attention_mask.to(device, non_blocking=True),
+                    position_ids=positions.to(device, non_blocking=True),
                     use_cache=False,
                 )
                 tokens += batch.tokens

@@ -70,7 +70,10 @@ def _doge(logits: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, torch.
 
 
 def parse_output(spec: RouterSpec, out: Any) -> RouterOutput | None:
-    """Turn a router's forward output into a RouterOutput; None when selection arrives later (DBRX)."""
+    """Turn a router's forward output into a RouterOutput; None when selection arrives later (DBRX).
+
+    Rank order is the order the router returned, i.e. what the experts module receives.
+    """
     parser = spec.parser
     if parser == "tuple":
         experts = out[2]

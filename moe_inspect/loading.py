@@ -229,8 +229,9 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise _load_error(model_id, exc) from exc
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        # Pads are masked out everywhere, so any existing token will do; a new one would be out of vocabulary.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     return tokenizer
 
 
