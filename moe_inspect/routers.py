@@ -218,12 +218,14 @@ def _build_spec(model: nn.Module, index: int, path: str, module: nn.Module, targ
         _int_attr(module, _EXPERT_COUNT_ATTRS, layer)
         or _int_attr(parent, _EXPERT_COUNT_ATTRS, layer)
         or _int_attr(config, _EXPERT_COUNT_ATTRS, layer)
+        or _int_attr(getattr(config, "ffn_config", None), _EXPERT_COUNT_ATTRS, layer)  # DBRX
         or 0
     )
     top_k = facts.fixed_top_k or (
         _int_attr(module, _TOP_K_ATTRS, layer)
         or _int_attr(parent, _TOP_K_ATTRS, layer)
         or _int_attr(config, _TOP_K_ATTRS, layer)
+        or _int_attr(getattr(config, "ffn_config", None), ("moe_top_k",), layer)  # DBRX
         or 0
     )
     scoring = scoring_for(target.model_type, config)

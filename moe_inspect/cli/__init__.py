@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
+from moe_inspect.cli.info import INFO_EXAMPLES, info
 from moe_inspect.cli.route import ROUTE_EXAMPLES, route
 
 app = typer.Typer(
@@ -24,13 +25,7 @@ def _root() -> None:
 
 app.command(epilog=ROUTE_EXAMPLES)(route)
 app.command(epilog=BALANCE_EXAMPLES)(balance)
-
-try:  # commands written in parallel land one by one
-    from moe_inspect.cli.info import info
-
-    app.command()(info)
-except ImportError:  # pragma: no cover
-    pass
+app.command(epilog=INFO_EXAMPLES)(info)
 
 
 def main() -> None:

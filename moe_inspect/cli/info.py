@@ -39,12 +39,6 @@ def info(
 ) -> None:
     """Size up an MoE model from its config alone: MoE and dense layers, experts and k, the routing rule,
     total / routed-expert / active parameters and weight memory. No weights are downloaded or loaded.
-
-    Examples:
-
-      moe-inspect info mistralai/Mixtral-8x7B-v0.1
-
-      moe-inspect info fixtures/configs/deepseek-v3/config.json --json
     """
     from transformers.utils import logging as hf_logging
 
