@@ -46,7 +46,7 @@ def _received(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> tuple[list
             target = spec.module.down_embed
             handles.append(target.register_forward_pre_hook(lambda _m, a, i=spec.index: received.__setitem__(i, a[0])))
         elif spec.parser == "jetmoe":
-            def gating_truth(_m, _a, out, i=spec.index):  # noqa: ANN001, ANN202
+            def gating_truth(_m, _a, out, i=spec.index):
                 # independent of moe-inspect's unsorting: tokens per expert from batch_index and expert_size
                 _idx, batch_index, _gates, expert_size, logits = out
                 sets: list[set[int]] = [set() for _ in range(logits.shape[0])]
@@ -66,7 +66,7 @@ def _received(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> tuple[list
             owner = _experts_owner(loaded.model, spec)
             assert owner is not None, f"no experts module found above {spec.path}"
 
-            def pre(_m, args, kwargs, i=spec.index):  # noqa: ANN001, ANN202
+            def pre(_m, args, kwargs, i=spec.index):
                 received[i] = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
 
             handles.append(owner.register_forward_pre_hook(pre, with_kwargs=True))
@@ -85,7 +85,7 @@ def _hooks(model: nn.Module) -> list[tuple[str, int, int]]:
 
 
 @pytest.fixture(scope="module")
-def loaded_family(tiny_dir):  # noqa: ANN201
+def loaded_family(tiny_dir):
     cache: dict[str, LoadedModel] = {}
 
     def get(model_type: str) -> LoadedModel:
@@ -104,7 +104,7 @@ def test_every_registered_family_is_covered() -> None:
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_capture_matches_the_model(model_type: str, loaded_family) -> None:  # noqa: ANN001
+def test_capture_matches_the_model(model_type: str, loaded_family) -> None:
     if model_type in SKIPPED:
         pytest.skip(SKIPPED[model_type])
     loaded = loaded_family(model_type)
@@ -169,7 +169,7 @@ def test_capture_matches_the_model(model_type: str, loaded_family) -> None:  # n
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_route_csv_agrees_with_capture(model_type: str, tiny_dir, loaded_family, tmp_path: Path) -> None:  # noqa: ANN001
+def test_route_csv_agrees_with_capture(model_type: str, tiny_dir, loaded_family, tmp_path: Path) -> None:
     if model_type in SKIPPED:
         pytest.skip(SKIPPED[model_type])
     csv = tmp_path / "route.csv"
