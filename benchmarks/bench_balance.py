@@ -1,0 +1,196 @@
+"""Benchmark `balance`'s capture: overhead over the bare forward, and memory flatness over corpus length.
+
+Timing: a random Mixtral-architecture model of about 110M total parameters, batches of 4 x 512 tokens.
+Three variants run interleaved over the same batches in one process, round after round, so machine noise
+hits them alike: the bare forward (no hooks), moe-inspect's capture with the full balance accumulator,
+and transformers' own ``output_router_logits=True`` path (which also computes its aux loss). Reported as
+median ratios over rounds.
+
+Memory: peak RSS of a full ``Inspector.balance`` run over 100k and over 1M tokens, each in a fresh
+subprocess, with a small model so the 1M-token run stays short; the accumulator's state is what could grow.
+
+    python benchmarks/bench_balance.py                 # both parts, prints a Markdown report
+    python benchmarks/bench_balance.py --part timing --rounds 5 --batches 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+
+def build_model(hidden: int, intermediate: int, layers: int, vocab: int, seed: int = 0) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 256, 1),
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config).eval()
+
+
+def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
+    from moe_inspect.accumulate import BalanceAccumulator
+    from moe_inspect.capture import capture
+    from moe_inspect.routers import find_routers
+
+    model = build_model(hidden=512, intermediate=1024, layers=6, vocab=32000)
+    params = sum(p.numel() for p in model.parameters())
+    routers = find_routers(model)
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 32000, (batch_size, seq_len), generator=generator) for _ in range(batches)]
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+
+    def bare() -> None:
+        for ids in data:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    hook_seconds: list[float] = []
+
+    class TimedAccumulator(BalanceAccumulator):
+        """Adds up the time spent inside the capture sink (exact on the CPU, where nothing is async)."""
+
+        spent = 0.0
+
+        def __call__(self, spec, out) -> None:
+            start = time.perf_counter()
+            super().__call__(spec, out)
+            self.spent += time.perf_counter() - start
+
+    def with_capture() -> None:
+        accumulator = TimedAccumulator(routers)
+        with capture(routers, sink=accumulator, keep=False):
+            for ids in data:
+                accumulator.begin_batch(mask)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        accumulator.finish()
+        hook_seconds.append(accumulator.spent)
+
+    def hf_router_logits() -> None:
+        for ids in data:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, output_router_logits=True)
+
+    variants = {"bare": bare, "capture": with_capture, "output_router_logits": hf_router_logits}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        bare()  # warm-up: allocator, kernels, transformers' lazy hook install
+        hf_router_logits()
+        for _ in range(rounds):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    ratios = {
+        name: statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
+        for name in ("capture", "output_router_logits")
+    }
+    tokens = batches * batch_size * seq_len
+    return {
+        "params": params,
+        "rounds": rounds,
+        "batches_per_round": batches,
+        "batch": f"{batch_size}x{seq_len}",
+        "median_s": {name: statistics.median(t) for name, t in times.items()},
+        "tokens_per_s_bare": tokens / statistics.median(times["bare"]),
+        "ratio_capture_over_bare": ratios["capture"],
+        "ratio_output_router_logits_over_bare": ratios["output_router_logits"],
+        "accumulator_share_of_capture_run": statistics.median(
+            h / t for h, t in zip(hook_seconds, times["capture"], strict=True)
+        ),
+        "all_s": times,
+    }
+
+
+def _memory_child(tokens: int, model_dir: str, corpus: str) -> None:
+    import moe_inspect
+
+    insp = moe_inspect.load(model_dir)
+    report = insp.balance(files=[corpus], seq_len=512, batch_size=4, max_tokens=tokens)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"tokens": report.run["tokens"], "peak_rss_mib": peak_kib / 1024, "s": report.run["elapsed_s"]}))
+
+
+def memory(token_counts: list[int]) -> list[dict]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stdlib = Path(os.__file__).parent
+        text = "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py")))
+        corpus = Path(tmp) / "corpus.txt"
+        with corpus.open("w") as handle:  # ~8 MB per copy; enough copies for the largest run
+            for _ in range(max(1, max(token_counts) // 2_000_000 + 1)):
+                handle.write(text)
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(text.splitlines()[:20000], trainer)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+        model = build_model(hidden=64, intermediate=128, layers=4, vocab=len(tokenizer))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        results = []
+        for tokens in token_counts:
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(tokens), tmp, str(corpus)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["timing", "memory", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--memory-tokens", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        tokens, model_dir, corpus = args.memory_child
+        _memory_child(int(tokens), model_dir, corpus)
+        return
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    if args.part in ("timing", "both"):
+        result = timing(args.rounds, args.batches, args.batch_size, args.seq_len)
+        print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
+        print("per-round seconds:", json.dumps({k: [round(x, 3) for x in v] for k, v in result["all_s"].items()}))
+    if args.part in ("memory", "both"):
+        for row in memory(args.memory_tokens):
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
