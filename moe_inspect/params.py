@@ -34,10 +34,10 @@ from torch import nn
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.families import facts_for
 from moe_inspect.routers import (
-    _EXPERT_COUNT_ATTRS,
-    _SHARED_ATTRS,
-    _SHARED_COUNT_KEYS,
-    _TOP_K_ATTRS,
+    EXPERT_COUNT_ATTRS,
+    SHARED_ATTRS,
+    SHARED_COUNT_KEYS,
+    TOP_K_ATTRS,
     RouterSpec,
     find_routers,
     layer_index,
@@ -330,7 +330,7 @@ def _fill_expert_count(model: nn.Module, spec: RouterSpec) -> None:
         return
     block = _moe_block(model, spec)
     experts = getattr(block, "experts", None) if block is not None else None
-    count = _first_int(experts, _EXPERT_COUNT_ATTRS) if isinstance(experts, nn.Module) else None
+    count = _first_int(experts, EXPERT_COUNT_ATTRS) if isinstance(experts, nn.Module) else None
     if count is None:
         linears = [m for m in spec.module.modules() if isinstance(m, nn.Linear)]
         count = linears[0].out_features if len(linears) == 1 else None
@@ -349,7 +349,7 @@ def _routed_params(model: nn.Module, spec: RouterSpec) -> list[nn.Parameter]:
     facts = facts_for(spec.model_type)
     for name in facts.router_linears or ():
         excluded |= {id(p) for p in block.get_submodule(name).parameters()}
-    for name in _SHARED_ATTRS:
+    for name in SHARED_ATTRS:
         shared = getattr(block, name, None)
         if isinstance(shared, nn.Module):
             excluded |= {id(p) for p in shared.parameters()}
@@ -367,7 +367,7 @@ def _structural_routers(model: nn.Module, config: Any) -> list[RouterSpec]:
     """
     text = _text_config(config)
     model_type = getattr(config, "model_type", "unknown")
-    top_k = _first_int(text, _TOP_K_ATTRS) or 1
+    top_k = _first_int(text, TOP_K_ATTRS) or 1
     specs: list[RouterSpec] = []
     for path, module in model.named_modules():
         experts = getattr(module, "experts", None)
@@ -376,13 +376,13 @@ def _structural_routers(model: nn.Module, config: Any) -> list[RouterSpec]:
         )
         if not isinstance(experts, nn.Module) or gate is None:
             continue
-        count = len(experts) if isinstance(experts, nn.ModuleList) else _first_int(text, _EXPERT_COUNT_ATTRS)
+        count = len(experts) if isinstance(experts, nn.ModuleList) else _first_int(text, EXPERT_COUNT_ATTRS)
         if not count:
             continue
         gate_name = "gate" if getattr(module, "gate", None) is gate else "router"
         shared = 0
-        if any(getattr(module, a, None) is not None for a in _SHARED_ATTRS):
-            shared = _first_int(text, _SHARED_COUNT_KEYS) or 1
+        if any(getattr(module, a, None) is not None for a in SHARED_ATTRS):
+            shared = _first_int(text, SHARED_COUNT_KEYS) or 1
         gate_path = f"{path}.{gate_name}" if path else gate_name
         specs.append(
             RouterSpec(

@@ -27,16 +27,16 @@ from moe_inspect.families import (
     scoring_for,
 )
 
-_EXPERT_COUNT_ATTRS = (
+EXPERT_COUNT_ATTRS = (
     "num_experts",
     "n_routed_experts",
     "num_local_experts",
     "moe_num_experts",
     "num_routed_experts",
 )
-_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token")
-_SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
-_SHARED_COUNT_KEYS = (
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token")
+SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
+SHARED_COUNT_KEYS = (
     "n_shared_experts",
     "num_shared_experts",
     "moe_num_shared_experts",
@@ -201,9 +201,9 @@ def _parent(model: nn.Module, path: str) -> nn.Module | None:
 
 
 def _shared_experts(parent: nn.Module | None, config: Any) -> int:
-    if parent is None or not any(getattr(parent, a, None) is not None for a in _SHARED_ATTRS):
+    if parent is None or not any(getattr(parent, a, None) is not None for a in SHARED_ATTRS):
         return 0
-    count = _int_attr(config, _SHARED_COUNT_KEYS, -1)
+    count = _int_attr(config, SHARED_COUNT_KEYS, -1)
     return count or 1
 
 
@@ -215,16 +215,16 @@ def _build_spec(model: nn.Module, index: int, path: str, module: nn.Module, targ
     class_name = type(module).__name__
     parser: Parser = ROUTER_PARSERS.get(class_name, "tuple")
     experts = (
-        _int_attr(module, _EXPERT_COUNT_ATTRS, layer)
-        or _int_attr(parent, _EXPERT_COUNT_ATTRS, layer)
-        or _int_attr(config, _EXPERT_COUNT_ATTRS, layer)
-        or _int_attr(getattr(config, "ffn_config", None), _EXPERT_COUNT_ATTRS, layer)  # DBRX
+        _int_attr(module, EXPERT_COUNT_ATTRS, layer)
+        or _int_attr(parent, EXPERT_COUNT_ATTRS, layer)
+        or _int_attr(config, EXPERT_COUNT_ATTRS, layer)
+        or _int_attr(getattr(config, "ffn_config", None), EXPERT_COUNT_ATTRS, layer)  # DBRX
         or 0
     )
     top_k = facts.fixed_top_k or (
-        _int_attr(module, _TOP_K_ATTRS, layer)
-        or _int_attr(parent, _TOP_K_ATTRS, layer)
-        or _int_attr(config, _TOP_K_ATTRS, layer)
+        _int_attr(module, TOP_K_ATTRS, layer)
+        or _int_attr(parent, TOP_K_ATTRS, layer)
+        or _int_attr(config, TOP_K_ATTRS, layer)
         or _int_attr(getattr(config, "ffn_config", None), ("moe_top_k",), layer)  # DBRX
         or 0
     )
@@ -292,13 +292,13 @@ def find_routers_heuristic(model: nn.Module, sample: torch.Tensor) -> list[Route
     Runs one forward on ``sample`` with temporary hooks on every module and keeps the outermost matches.
     """
     config = getattr(model, "config", None)
-    experts = _int_attr(config, _EXPERT_COUNT_ATTRS, -1)
-    top_k = _int_attr(config, _TOP_K_ATTRS, -1) or 1
+    experts = _int_attr(config, EXPERT_COUNT_ATTRS, -1)
+    top_k = _int_attr(config, TOP_K_ATTRS, -1) or 1
     model_type = getattr(config, "model_type", "unknown")
     if not experts:
         raise NotMoEError(
             f"Model type '{model_type}' is not known to transformers and its config names no expert count "
-            f"({', '.join(_EXPERT_COUNT_ATTRS)}), so moe-inspect cannot find its routers."
+            f"({', '.join(EXPERT_COUNT_ATTRS)}), so moe-inspect cannot find its routers."
         )
     hits: dict[str, tuple[nn.Module, int]] = {}
     handles = []

@@ -36,6 +36,7 @@ def _cell(group: pd.DataFrame) -> Text:
 
 def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
     """One rich Table per chunk of routers, each as wide as ``width`` allows."""
+    separate_tokens = int(frame["rank"].max()) >= 2  # with k >= 3, rules between tokens keep rows apart
     labels = list(dict.fromkeys(zip(frame["layer"], frame["router"], strict=True)))
     per_table = max(1, (width - _TOKEN_WIDTH - 12) // (_CELL_WIDTH + 3))
     cells = {key: _cell(group) for key, group in frame.groupby(["position", "layer", "router"], sort=False)}
@@ -45,7 +46,7 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
         chunk = labels[start : start + per_table]
         first, last = chunk[0][0], chunk[-1][0]
         title = f"layer {first}" if len(chunk) == 1 else f"layers {first}-{last}"
-        table = Table(title=title, header_style="bold", show_lines=False, pad_edge=False)
+        table = Table(title=title, header_style="bold", show_lines=separate_tokens, pad_edge=False)
         table.add_column("pos", justify="right", style="dim")
         table.add_column("token", max_width=_TOKEN_WIDTH, no_wrap=True)
         for layer, router in chunk:
