@@ -171,7 +171,8 @@ class CorpusReader:
             buffer: list[int] = list(prefix)
             for text, consumed in _text_blocks(corpus_file):
                 done += consumed
-                buffer.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                # verbose=False: a block is longer than the model's context by design; windows cut it later
+                buffer.extend(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
                 while len(buffer) >= self.seq_len:
                     yield buffer[: self.seq_len], done
                     buffer = buffer[self.seq_len :]

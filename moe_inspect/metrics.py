@@ -80,6 +80,8 @@ _TINY32 = torch.finfo(torch.float32).tiny
 
 def _host64(x: ArrayLike) -> torch.Tensor:
     """A 1-D float64 CPU copy (one small device-to-host copy; end-of-run functions only)."""
+    if isinstance(x, np.ndarray):  # pandas hands out read-only views; torch warns on those
+        return torch.from_numpy(np.array(x, dtype=np.float64).reshape(-1))
     return torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
 
 
@@ -89,7 +91,7 @@ def _scalar(x: Number) -> float:
 
 def _float_on_device(x: ArrayLike) -> torch.Tensor:
     """float64 where the device supports it (not MPS), on the input's device."""
-    t = torch.as_tensor(x).detach()
+    t = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x).detach()
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
