@@ -1,0 +1,66 @@
+"""The shipped demo model: loads offline, has the documented shape, is the default, and ships in the wheel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moe_inspect.cli import app
+from moe_inspect.loading import demo_model_path, load
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_model_has_documented_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOE_INSPECT_MODEL", raising=False)
+    loaded = load()
+    assert loaded.is_default
+    config = loaded.model.config
+    assert config.model_type == "mixtral"
+    assert (config.num_hidden_layers, config.hidden_size) == (4, 128)
+    assert (config.num_local_experts, config.num_experts_per_tok) == (8, 2)
+    assert len(loaded.tokenizer) == config.vocab_size == 4096
+    assert [spec.layer for spec in loaded.routers] == [0, 1, 2, 3]
+    assert all(spec.num_experts == 8 and spec.top_k == 2 for spec in loaded.routers)
+    size = sum(f.stat().st_size for f in demo_model_path().iterdir())
+    assert size < 20 * 2**20
+
+
+def test_route_without_model_uses_the_demo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MOE_INSPECT_MODEL", raising=False)
+    csv = tmp_path / "route.csv"
+    result = CliRunner().invoke(app, ["route", "def add(a, b): return a + b", "--csv", str(csv)])
+    assert result.exit_code == 0, result.output
+    assert "Using the small demo model shipped with moe-inspect; pass --model" in result.output
+    assert "4 MoE routers" in result.output
+    rows = csv.read_text().splitlines()
+    assert rows[0].startswith("position,token_id,token,layer,rank,expert,weight,probability,router_entropy")
+    # 4 layers x 2 ranks per token
+    assert (len(rows) - 1) % 8 == 0 and len(rows) > 8
+
+
+def test_training_log_records_sources_and_heldout_loss() -> None:
+    log = json.loads((demo_model_path() / "training_log.json").read_text())
+    assert {"code", "prose"} <= set(log["sources"])
+    assert log["heldout_loss_nats"]["code"] > 0 and log["heldout_loss_nats"]["prose"] > 0
+    assert log["command"].startswith("python fixtures/train_demo_model.py")
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_demo_model(tmp_path: Path) -> None:
+    pytest.importorskip("hatchling")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("moe_inspect-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert f"moe_inspect/demo_model/{name}" in names
