@@ -51,17 +51,22 @@ def build_model(hidden: int, intermediate: int, layers: int, vocab: int, seed: i
     return MixtralForCausalLM(config).eval()
 
 
-def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
+def timing(rounds: int, batches: int, batch_size: int, seq_len: int, device: str = "cpu") -> dict:
     from moe_inspect.accumulate import BalanceAccumulator
     from moe_inspect.capture import capture
     from moe_inspect.routers import find_routers
 
-    model = build_model(hidden=512, intermediate=1024, layers=6, vocab=32000)
+    model = build_model(hidden=512, intermediate=1024, layers=6, vocab=32000).to(device)
     params = sum(p.numel() for p in model.parameters())
     routers = find_routers(model)
     generator = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, 32000, (batch_size, seq_len), generator=generator) for _ in range(batches)]
-    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    data = [torch.randint(0, 32000, (batch_size, seq_len), generator=generator).to(device) for _ in range(batches)]
+    mask_cpu = torch.ones(batch_size, seq_len, dtype=torch.long)
+    mask = mask_cpu.to(device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def bare() -> None:
         for ids in data:
@@ -83,7 +88,7 @@ def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
         accumulator = TimedAccumulator(routers)
         with capture(routers, sink=accumulator, keep=False):
             for ids in data:
-                accumulator.begin_batch(mask)
+                accumulator.begin_batch(mask_cpu)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
         accumulator.finish()
         hook_seconds.append(accumulator.spent)
@@ -99,8 +104,10 @@ def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
         hf_router_logits()
         for _ in range(rounds):
             for name, run in variants.items():
+                sync()
                 start = time.perf_counter()
                 run()
+                sync()
                 times[name].append(time.perf_counter() - start)
     ratios = {
         name: statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
@@ -112,6 +119,7 @@ def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
         "rounds": rounds,
         "batches_per_round": batches,
         "batch": f"{batch_size}x{seq_len}",
+        "device": device,
         "median_s": {name: statistics.median(t) for name, t in times.items()},
         "tokens_per_s_bare": tokens / statistics.median(times["bare"]),
         "ratio_capture_over_bare": ratios["capture"],
@@ -174,6 +182,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the timing part")
     parser.add_argument("--memory-tokens", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +193,7 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     if args.part in ("timing", "both"):
-        result = timing(args.rounds, args.batches, args.batch_size, args.seq_len)
+        result = timing(args.rounds, args.batches, args.batch_size, args.seq_len, args.device)
         print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
         print("per-round seconds:", json.dumps({k: [round(x, 3) for x in v] for k, v in result["all_s"].items()}))
     if args.part in ("memory", "both"):
