@@ -101,3 +101,13 @@ def test_layers_filter(insp: moe_inspect.Inspector) -> None:
     layer = insp.loaded.routers[-1].layer
     frame = insp.route(PROMPT, layers=[layer])
     assert set(frame["layer"]) == {layer}
+
+
+def test_device_map_auto_loads_and_routes(tiny_dir) -> None:
+    """accelerate placement (all on the CPU here) keeps capture working; input goes to the embedding's device."""
+    insp = moe_inspect.load(str(tiny_dir("qwen3_moe")), device_map="auto")
+    assert insp.loaded.device == "auto"
+    frame = insp.route(PROMPT)
+    assert set(frame["layer"]) == {spec.layer for spec in insp.loaded.routers}
+    report = insp.balance(PROMPT * 20, seq_len=16)
+    assert int(report.layers["tokens"].iloc[0]) == report.run["tokens"] > 0
