@@ -64,3 +64,13 @@ def test_wheel_ships_the_demo_model(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert f"moe_inspect/demo_model/{name}" in names
+
+
+def test_info_without_model_describes_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOE_INSPECT_MODEL", raising=False)
+    result = CliRunner().invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Using the small demo model shipped with moe-inspect" in result.output
+    data = json.loads(result.stdout[result.stdout.index("{") :])
+    assert (data["model_type"], data["num_layers"], data["num_experts"], data["top_k"]) == ("mixtral", 4, 8, 2)
+    assert data["active_params"] < data["total_params"] == 4_396_160

@@ -9,6 +9,7 @@ import typer
 
 from moe_inspect.cli.common import err, out, user_errors
 from moe_inspect.cli.options import RevisionOpt, TrustRemoteCodeOpt
+from moe_inspect.loading import resolve_model
 from moe_inspect.params import describe, load_config
 from moe_inspect.render.info import render_info
 
@@ -25,12 +26,13 @@ INFO_EXAMPLES = """Examples:
 @user_errors
 def info(
     model: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="Hub id (e.g. mistralai/Mixtral-8x7B-v0.1), local model folder, or path to a config.json.",
+            help="Hub id (e.g. mistralai/Mixtral-8x7B-v0.1), local model folder, or path to a config.json. "
+            "Default: $MOE_INSPECT_MODEL, else the demo model shipped with moe-inspect.",
             show_default=False,
         ),
-    ],
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of the panel (for scripts).")
     ] = False,
@@ -43,6 +45,11 @@ def info(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # config-conversion chatter would bury the one panel asked for
+    model, is_default = resolve_model(model)
+    if is_default:
+        err.print(
+            "Using the small demo model shipped with moe-inspect; pass MODEL for a real checkpoint.", soft_wrap=True
+        )
     config = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
     with err.status("Building the model on the meta device…"):
         result = describe(config, trust_remote_code=trust_remote_code)
