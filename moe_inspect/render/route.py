@@ -41,6 +41,7 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
     per_table = max(1, (width - _TOKEN_WIDTH - 12) // (_CELL_WIDTH + 3))
     cells = {key: _cell(group) for key, group in frame.groupby(["position", "layer", "router"], sort=False)}
     tokens = frame.drop_duplicates("position")[["position", "token", "phase"]]
+    generated = bool((tokens["phase"] == "decode").any())  # a phase column only when there is a decode phase
     tables = []
     for start in range(0, len(labels), per_table):
         chunk = labels[start : start + per_table]
@@ -48,6 +49,8 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
         title = f"layer {first}" if len(chunk) == 1 else f"layers {first}-{last}"
         table = Table(title=title, header_style="bold", show_lines=separate_tokens, pad_edge=False)
         table.add_column("pos", justify="right", style="dim")
+        if generated:
+            table.add_column("phase", style="dim")
         table.add_column("token", max_width=_TOKEN_WIDTH, no_wrap=True)
         for layer, router in chunk:
             table.add_column(f"L{layer}" + ("a" if router == "attention" else ""), justify="right")
@@ -55,6 +58,7 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
             style = "italic green" if row.phase == "decode" else ""
             table.add_row(
                 str(row.position),
+                *([Text("gen" if row.phase == "decode" else "prompt")] if generated else []),
                 Text(visible_token(row.token), style=style),
                 *[cells.get((row.position, layer, router), Text("")) for layer, router in chunk],
             )
