@@ -281,8 +281,6 @@ def load(
             kwargs["quantization_config"] = quantization_config(
                 model_id, load_in_4bit, load_in_8bit, revision, trust_remote_code, compute
             )
-        except UserError:
-            raise
         except (OSError, ValueError, KeyError) as exc:
             raise _load_error(model_id, exc) from exc
         quantization = "4bit-nf4" if load_in_4bit else "8bit"
