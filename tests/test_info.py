@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import resource
-import textwrap
 import time
 from pathlib import Path
 
@@ -217,39 +216,13 @@ def test_families_without_an_experts_attribute() -> None:
 
 def test_remote_code_model_matched_by_structure(tmp_path: Path) -> None:
     """A model type transformers does not know declares no routers; info finds gate + experts by structure."""
-    (tmp_path / "modeling_tiny_remote.py").write_text(textwrap.dedent(
-        '''
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM, MixtralModel
+    from tiny_models import write_remote_code
 
-
-        class TinyInfoRemoteConfig(MixtralConfig):
-            model_type = "tiny_info_remote_moe"
-
-
-        class TinyInfoRemoteModel(MixtralModel):
-            config_class = TinyInfoRemoteConfig
-            _can_record_outputs = {}  # declares nothing, like most remote-code models
-
-
-        class TinyInfoRemoteForCausalLM(MixtralForCausalLM):
-            config_class = TinyInfoRemoteConfig
-            _can_record_outputs = {}
-
-            def __init__(self, config):
-                super().__init__(config)
-                self.model = TinyInfoRemoteModel(config)
-                self.post_init()
-        '''
-    ))
     config = {
-        "model_type": "tiny_info_remote_moe", "architectures": ["TinyInfoRemoteForCausalLM"],
-        "auto_map": {"AutoConfig": "modeling_tiny_remote.TinyInfoRemoteConfig",
-                     "AutoModelForCausalLM": "modeling_tiny_remote.TinyInfoRemoteForCausalLM"},
         "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 6, "num_experts_per_tok": 2,
     }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_remote_code(tmp_path, "tiny_info_remote_moe", config)
     with pytest.raises(UserError, match="--trust-remote-code"):
         load_config(str(tmp_path))
     remote = describe(load_config(str(tmp_path), trust_remote_code=True), trust_remote_code=True)

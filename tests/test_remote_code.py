@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-MODELING = textwrap.dedent(
-    '''
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM, MixtralModel
-
-
-    class TinyRemoteConfig(MixtralConfig):
-        model_type = "tiny_remote_moe"
-
-
-    class TinyRemoteModel(MixtralModel):
-        config_class = TinyRemoteConfig
-        _can_record_outputs = {}  # declares nothing, like most remote-code models
-
-
-    class TinyRemoteForCausalLM(MixtralForCausalLM):
-        config_class = TinyRemoteConfig
-        _can_record_outputs = {}
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.model = TinyRemoteModel(config)
-            self.post_init()
-    '''
-)
-
 
 @pytest.fixture(scope="module")
 def remote_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_models import train_tiny_tokenizer
+    from tiny_models import train_tiny_tokenizer, write_remote_code
     from transformers import MixtralConfig, MixtralForCausalLM
 
     path = tmp_path_factory.mktemp("remote")
@@ -62,15 +35,7 @@ def remote_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
     save_file(state | {"lm_head.weight": model.lm_head.weight.detach().clone()}, path / "model.safetensors")
     tokenizer.save_pretrained(path)
-    (path / "modeling_tiny_remote.py").write_text(MODELING)
-    data = json.loads((path / "config.json").read_text())
-    data["model_type"] = "tiny_remote_moe"
-    data["architectures"] = ["TinyRemoteForCausalLM"]
-    data["auto_map"] = {
-        "AutoConfig": "modeling_tiny_remote.TinyRemoteConfig",
-        "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM",
-    }
-    (path / "config.json").write_text(json.dumps(data))
+    write_remote_code(path, "tiny_remote_moe", json.loads((path / "config.json").read_text()))
     return path
 
 

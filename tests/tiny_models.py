@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 import math
 import re
 import tempfile
@@ -445,3 +446,44 @@ __all__ = [
     "tiny_config",
     "train_tiny_tokenizer",
 ]
+
+
+_REMOTE_MODELING = '''
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM, MixtralModel
+
+
+class TinyRemoteConfig(MixtralConfig):
+    model_type = "{model_type}"
+
+
+class TinyRemoteModel(MixtralModel):
+    config_class = TinyRemoteConfig
+    _can_record_outputs = {{}}  # declares nothing, like most remote-code models
+
+
+class TinyRemoteForCausalLM(MixtralForCausalLM):
+    config_class = TinyRemoteConfig
+    _can_record_outputs = {{}}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = TinyRemoteModel(config)
+        self.post_init()
+'''
+
+
+def write_remote_code(path: Path, model_type: str, config: dict[str, Any]) -> None:
+    """Make ``path`` a remote-code model folder: a Mixtral clone under a model type transformers does not know,
+    whose classes declare no router recorders (``trust_remote_code=True`` loads it from the folder)."""
+    (path / "modeling_tiny_remote.py").write_text(_REMOTE_MODELING.format(model_type=model_type))
+    config = {
+        **config,
+        "model_type": model_type,
+        "architectures": ["TinyRemoteForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "modeling_tiny_remote.TinyRemoteConfig",
+            "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM",
+        },
+    }
+    (path / "config.json").write_text(json.dumps(config))
