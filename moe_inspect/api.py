@@ -94,7 +94,10 @@ class Inspector:
             "mode": "lines" if reader.lines else "packed",
             "max_tokens": reader.max_tokens,
         }
-        return run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
+        report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
+        if not reader.lines:
+            report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
+        return report
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]

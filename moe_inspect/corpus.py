@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,7 @@ class CorpusReader:
     batch_size: int
     lines: bool = False
     max_tokens: int | None = None
+    unrouted_tail_tokens: int = field(default=0, init=False)  # set once the packed stream is exhausted
 
     @property
     def total_bytes(self) -> int:
@@ -167,15 +168,18 @@ class CorpusReader:
     def _windows(self) -> Iterator[tuple[list[int], int]]:
         prefix = _stream_prefix(self.tokenizer)
         done = 0
+        self.unrouted_tail_tokens = 0
         for corpus_file in self.files:
             buffer: list[int] = list(prefix)
             for text, consumed in _text_blocks(corpus_file):
                 done += consumed
                 # verbose=False: a block is longer than the model's context by design; windows cut it later
                 buffer.extend(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-                while len(buffer) >= self.seq_len:
-                    yield buffer[: self.seq_len], done
-                    buffer = buffer[self.seq_len :]
+                full = len(buffer) - len(buffer) % self.seq_len
+                for start in range(0, full, self.seq_len):
+                    yield buffer[start : start + self.seq_len], done
+                del buffer[:full]
+            self.unrouted_tail_tokens += len(buffer)  # each file's last partial window is not routed
 
     def _line_sequences(self) -> Iterator[tuple[list[int], int]]:
         done = 0

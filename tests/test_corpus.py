@@ -332,3 +332,13 @@ def test_batches_are_streamed_lazily(
     assert 0 < counting.chars < 2_000  # a couple of blocks or lines, not the 170 kB file
     assert first.bytes_done < 2_000
     batches.close()
+
+
+def test_unrouted_tail_is_counted_per_file(tokenizer: Any) -> None:
+    """Each file's last partial window is not routed; the reader says how many tokens that left out."""
+    texts = [SAMPLE_TEXT, SAMPLE_TEXT[:200]]
+    reader = _reader(tokenizer, texts, seq_len=16)
+    routed = sum(len(row) for row in _rows(reader))
+    per_file = [len(tokenizer(t)["input_ids"]) for t in texts]  # BOS included once per stream
+    assert routed == sum(n - n % 16 for n in per_file)
+    assert reader.unrouted_tail_tokens == sum(n % 16 for n in per_file) > 0
