@@ -10,10 +10,13 @@ are asserted family by family in ``tests/test_all_families.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "probabilities", "product_key"]
+# How the k chosen weights are normalised: by the module's norm_topk_prob ("config"), always, never, or as a
+# softmax over the chosen experts' logits (top-k first, then softmax).
+WeightNorm = Literal["config", "always", "never", "softmax_over_chosen"]
 Parser = Literal["tuple", "logits_only", "llama4", "jetmoe", "doge", "zaya"]
 
 
@@ -38,6 +41,7 @@ class FamilyFacts:
     router_linears: tuple[str, ...] | None = None
     # Families that ignore the configured k.
     fixed_top_k: int | None = None
+    weight_norm: WeightNorm = "config"
     note: str = ""
 
 
@@ -106,6 +110,18 @@ FAMILIES: dict[str, FamilyFacts] = {
 FAMILIES["jetmoe"] = FamilyFacts(skip_router_classes=("JetMoeAttention",), note="two routers per layer")
 # PhiMoE's sparsemixer hard-codes two experts whatever num_experts_per_tok says.
 FAMILIES["phimoe"] = FamilyFacts(fixed_top_k=2, note="sparsemixer always picks 2 experts")
+
+# Weight normalisation, for families whose modules hold no norm_topk_prob (reference file, sections 1-2).
+_WEIGHT_NORMS: dict[WeightNorm, str] = {
+    "always": "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 "
+    "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya",
+    "never": "jamba deepseek_v2 longcat_flash llama4 llama4_text",
+    "softmax_over_chosen": "aria_text gpt_oss granitemoe granitemoe_swa granitemoehybrid granitemoeshared jetmoe "
+    "cohere2_moe",
+}
+for _norm, _names in _WEIGHT_NORMS.items():
+    for _name in _names.split():
+        FAMILIES[_name] = replace(FAMILIES.get(_name, FamilyFacts()), weight_norm=_norm)
 
 UNKNOWN_FAMILY = FamilyFacts(note="family not in moe-inspect's registry; softmax scoring assumed")
 

@@ -94,9 +94,17 @@ def resolve_device(device: str) -> str:
     raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not '{device}'.")
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     """Hub ids are 'name' or 'org/name'; anything else that does not exist is a mistyped path."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or model.endswith(".json")
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub will refuse network access (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(
+        os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _check_source(model: str) -> None:
@@ -106,12 +114,12 @@ def _check_source(model: str) -> None:
             raise UserError(f"'{model}' is a file; pass the model's folder (with config.json) instead.")
         if not (path / "config.json").is_file():
             raise UserError(f"'{model}' has no config.json, so it is not a transformers model folder.")
-    elif _looks_like_path(model):
+    elif looks_like_path(model):
         raise UserError(f"No model folder at '{model}'.")
 
 
 def _load_error(model: str, exc: Exception) -> UserError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    offline = hub_offline()
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if offline and not Path(model).expanduser().exists():
         return UserError(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.families import facts_for
+from moe_inspect.loading import hub_offline, looks_like_path
 from moe_inspect.routers import (
     EXPERT_COUNT_ATTRS,
     SHARED_ATTRS,
@@ -57,16 +57,6 @@ _SCALE_ATTRS = (
 )
 _MTP_ATTRS = ("num_nextn_predict_layers", "mtp_num_layers", "num_mtp_layers")
 
-# How the k chosen weights are normalised, for families whose modules hold no ``norm_topk_prob``.
-# Display only (selection does not depend on it); from shared/reference/transformers-moe-routers.md §1-2.
-_RENORM_ALWAYS = frozenset(
-    "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 minimax_m3_vl "
-    "minimax_m3_vl_text laguna afmoe hy_v3 zaya".split()
-)
-_RENORM_NEVER = frozenset("jamba deepseek_v2 longcat_flash llama4 llama4_text".split())
-_SOFTMAX_OVER_CHOSEN = frozenset(
-    "aria_text gpt_oss granitemoe granitemoe_swa granitemoehybrid granitemoeshared jetmoe cohere2_moe".split()
-)
 _SCORING_WORDS = {
     "softmax": "softmax scores",
     "sigmoid": "sigmoid scores",
@@ -140,23 +130,6 @@ class ModelInfo:
 
 
 # --------------------------------------------------------------------------------------------- loading
-
-
-def _offline() -> bool:
-    return any(
-        os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else that does not exist is a mistyped path."""
-    return (
-        model.startswith((".", "/", "~"))
-        or model.count("/") > 1
-        or "\\" in model
-        or model.endswith(".json")
-    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -233,7 +206,7 @@ def load_config(
                     f"'{model}' needs its own code to load; retry with --trust-remote-code."
                 ) from None
             raise UserError(f"'{model}' is not a valid {data['model_type']} config: {_first_line(exc)}.") from None
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise UserError(f"No such file or folder: '{model}'.")
     try:
         return AutoConfig.from_pretrained(
@@ -247,7 +220,7 @@ def load_config(
             ) from None
         if "trust_remote_code" in text:
             raise UserError(f"'{model}' needs its own code to load; retry with --trust-remote-code.") from None
-        if _offline() and isinstance(exc, OSError):
+        if hub_offline() and isinstance(exc, OSError):
             raise UserError(
                 f"'{model}' is not in the local Hugging Face cache and the machine is offline (HF_HUB_OFFLINE is set)."
             ) from None
@@ -453,7 +426,7 @@ def routing_rule(model: nn.Module, config: Any, routers: list[RouterSpec]) -> st
     ks = sorted({r.top_k for r in routers})
     e_words = "/".join(map(str, experts))
     k_words = "/".join(map(str, ks))
-    if model_type in _SOFTMAX_OVER_CHOSEN:
+    if facts.weight_norm == "softmax_over_chosen":
         parts = [f"router logits over {e_words} routed experts"]
     else:
         parts = [f"{_SCORING_WORDS.get(spec.scoring, spec.scoring)} over {e_words} routed experts"]
@@ -485,9 +458,9 @@ def routing_rule(model: nn.Module, config: Any, routers: list[RouterSpec]) -> st
         )
 
     norm = _router_attr(model, spec, ("norm_topk_prob",))
-    if model_type in _RENORM_NEVER:
+    if facts.weight_norm == "never":
         parts.append("weights are not renormalised")
-    elif model_type in _SOFTMAX_OVER_CHOSEN:
+    elif facts.weight_norm == "softmax_over_chosen":
         parts.append("weights are a softmax over the chosen experts' logits")
     elif model_type == "dbrx":
         p = _safe_getattr(_safe_getattr(text, "ffn_config"), "moe_normalize_expert_weights")
@@ -495,7 +468,7 @@ def routing_rule(model: nn.Module, config: Any, routers: list[RouterSpec]) -> st
             parts.append(f"weights divided by their {p:g}-norm")
     elif isinstance(norm, bool):
         parts.append("weights renormalised to sum to 1" if norm else "weights are not renormalised")
-    elif model_type in _RENORM_ALWAYS:
+    elif facts.weight_norm == "always":
         parts.append("weights renormalised to sum to 1")
 
     scale = _router_attr(model, spec, _SCALE_ATTRS)
