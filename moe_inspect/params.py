@@ -40,7 +40,10 @@ from moe_inspect.routers import (
     TOP_K_ATTRS,
     RouterSpec,
     find_routers,
+    int_attr,
     layer_index,
+    parent_module,
+    safe_getattr,
 )
 
 # Bytes per parameter for weight-memory estimates (weights only: no scales, KV cache or activations).
@@ -254,28 +257,10 @@ def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
 # -------------------------------------------------------------------------------------------- counting
 
 
-def _safe_getattr(obj: Any, name: str) -> Any:
-    """getattr that survives per-layer configs, whose global attributes raise a RuntimeError subclass."""
-    try:
-        return getattr(obj, name, None)
-    except Exception:
-        return None
-
-
-def _first_int(obj: Any, names: tuple[str, ...], layer: int = -1) -> int | None:
-    for name in names:
-        value = _safe_getattr(obj, name)
-        if isinstance(value, (list, tuple)) and value and 0 <= layer < len(value):
-            value = value[layer]
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def _first_number(objs: tuple[Any, ...], names: tuple[str, ...]) -> float | None:
     for obj in objs:
         for name in names:
-            value = _safe_getattr(obj, name)
+            value = safe_getattr(obj, name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
     return None
@@ -286,15 +271,11 @@ def _text_config(config: Any) -> Any:
     return getter() if callable(getter) else config
 
 
-def _parent(model: nn.Module, path: str) -> nn.Module | None:
-    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
-
-
 def _moe_block(model: nn.Module, spec: RouterSpec) -> nn.Module | None:
     """The module holding this router's experts: its parent, or itself when it is the whole block (Doge)."""
     if facts_for(spec.model_type).router_linears is not None:
         return spec.module
-    return _parent(model, spec.path)
+    return parent_module(model, spec.path)
 
 
 def _fill_expert_count(model: nn.Module, spec: RouterSpec) -> None:
@@ -303,7 +284,7 @@ def _fill_expert_count(model: nn.Module, spec: RouterSpec) -> None:
         return
     block = _moe_block(model, spec)
     experts = getattr(block, "experts", None) if block is not None else None
-    count = _first_int(experts, EXPERT_COUNT_ATTRS) if isinstance(experts, nn.Module) else None
+    count = int_attr(experts, EXPERT_COUNT_ATTRS) if isinstance(experts, nn.Module) else None
     if count is None:
         linears = [m for m in spec.module.modules() if isinstance(m, nn.Linear)]
         count = linears[0].out_features if len(linears) == 1 else None
@@ -340,7 +321,7 @@ def _structural_routers(model: nn.Module, config: Any) -> list[RouterSpec]:
     """
     text = _text_config(config)
     model_type = getattr(config, "model_type", "unknown")
-    top_k = _first_int(text, TOP_K_ATTRS) or 1
+    top_k = int_attr(text, TOP_K_ATTRS) or 1
     specs: list[RouterSpec] = []
     for path, module in model.named_modules():
         experts = getattr(module, "experts", None)
@@ -349,13 +330,13 @@ def _structural_routers(model: nn.Module, config: Any) -> list[RouterSpec]:
         )
         if not isinstance(experts, nn.Module) or gate is None:
             continue
-        count = len(experts) if isinstance(experts, nn.ModuleList) else _first_int(text, EXPERT_COUNT_ATTRS)
+        count = len(experts) if isinstance(experts, nn.ModuleList) else int_attr(text, EXPERT_COUNT_ATTRS)
         if not count:
             continue
         gate_name = "gate" if getattr(module, "gate", None) is gate else "router"
         shared = 0
         if any(getattr(module, a, None) is not None for a in SHARED_ATTRS):
-            shared = _first_int(text, SHARED_COUNT_KEYS) or 1
+            shared = int_attr(text, SHARED_COUNT_KEYS) or 1
         gate_path = f"{path}.{gate_name}" if path else gate_name
         specs.append(
             RouterSpec(
@@ -376,7 +357,7 @@ def _num_layers(model: nn.Module, config: Any, routers: list[RouterSpec]) -> int
             stack = model.get_submodule(match.group(1))
             if isinstance(stack, nn.ModuleList):
                 return len(stack)
-    configured = _first_int(_text_config(config), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    configured = int_attr(_text_config(config), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
     if configured:
         return configured
     return max((r.layer for r in routers), default=-1) + 1
@@ -406,9 +387,9 @@ def _uniform(values: list[int]) -> int | list[int]:
 
 def _router_attr(model: nn.Module, spec: RouterSpec, names: tuple[str, ...]) -> Any:
     """An attribute the router or its MoE block actually holds: what the model uses, not what the config says."""
-    for obj in (spec.module, _parent(model, spec.path)):
+    for obj in (spec.module, parent_module(model, spec.path)):
         for name in names:
-            value = _safe_getattr(obj, name)
+            value = safe_getattr(obj, name)
             if value is not None:
                 return value
     return None
@@ -463,7 +444,7 @@ def routing_rule(model: nn.Module, config: Any, routers: list[RouterSpec]) -> st
     elif facts.weight_norm == "softmax_over_chosen":
         parts.append("weights are a softmax over the chosen experts' logits")
     elif model_type == "dbrx":
-        p = _safe_getattr(_safe_getattr(text, "ffn_config"), "moe_normalize_expert_weights")
+        p = safe_getattr(safe_getattr(text, "ffn_config"), "moe_normalize_expert_weights")
         if isinstance(p, (int, float)):
             parts.append(f"weights divided by their {p:g}-norm")
     elif isinstance(norm, bool):
@@ -565,7 +546,7 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
     dense_layers = [entry.layer for entry in layers if entry.kind == "dense"]
     moe_entries = [entry for entry in layers if entry.kind == "moe"]
 
-    mtp = _first_int(_text_config(config), _MTP_ATTRS)
+    mtp = int_attr(_text_config(config), _MTP_ATTRS)
     if mtp:
         notes.append(
             f"The config declares {mtp} multi-token-prediction (MTP) layer{'s' if mtp > 1 else ''} that "

@@ -184,9 +184,18 @@ def layer_index(path: str) -> int:
     return int(numbers[0]) if numbers else -1
 
 
-def _int_attr(obj: Any, names: tuple[str, ...], layer: int) -> int | None:
+def safe_getattr(obj: Any, name: str) -> Any:
+    """getattr that survives per-layer configs, whose global attributes raise a RuntimeError subclass."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
+def int_attr(obj: Any, names: tuple[str, ...], layer: int = -1) -> int | None:
+    """The first positive int among ``names`` on ``obj``; per-layer lists are indexed by ``layer``."""
     for name in names:
-        value = getattr(obj, name, None)
+        value = safe_getattr(obj, name)
         if isinstance(value, (list, tuple)) and value and 0 <= layer < len(value):
             value = value[layer]
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -194,38 +203,37 @@ def _int_attr(obj: Any, names: tuple[str, ...], layer: int) -> int | None:
     return None
 
 
-def _parent(model: nn.Module, path: str) -> nn.Module | None:
-    if "." not in path:
-        return None
-    return model.get_submodule(path.rsplit(".", 1)[0])
+def parent_module(model: nn.Module, path: str) -> nn.Module | None:
+    """The module that owns ``path`` (None for a top-level name)."""
+    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
 
 
 def _shared_experts(parent: nn.Module | None, config: Any) -> int:
     if parent is None or not any(getattr(parent, a, None) is not None for a in SHARED_ATTRS):
         return 0
-    count = _int_attr(config, SHARED_COUNT_KEYS, -1)
+    count = int_attr(config, SHARED_COUNT_KEYS, -1)
     return count or 1
 
 
 def _build_spec(model: nn.Module, index: int, path: str, module: nn.Module, target: _Target) -> RouterSpec:
     layer = layer_index(path)
-    parent = _parent(model, path)
+    parent = parent_module(model, path)
     config = target.config
     facts = facts_for(target.model_type)
     class_name = type(module).__name__
     parser: Parser = ROUTER_PARSERS.get(class_name, "tuple")
     experts = (
-        _int_attr(module, EXPERT_COUNT_ATTRS, layer)
-        or _int_attr(parent, EXPERT_COUNT_ATTRS, layer)
-        or _int_attr(config, EXPERT_COUNT_ATTRS, layer)
-        or _int_attr(getattr(config, "ffn_config", None), EXPERT_COUNT_ATTRS, layer)  # DBRX
+        int_attr(module, EXPERT_COUNT_ATTRS, layer)
+        or int_attr(parent, EXPERT_COUNT_ATTRS, layer)
+        or int_attr(config, EXPERT_COUNT_ATTRS, layer)
+        or int_attr(getattr(config, "ffn_config", None), EXPERT_COUNT_ATTRS, layer)  # DBRX
         or 0
     )
     top_k = facts.fixed_top_k or (
-        _int_attr(module, TOP_K_ATTRS, layer)
-        or _int_attr(parent, TOP_K_ATTRS, layer)
-        or _int_attr(config, TOP_K_ATTRS, layer)
-        or _int_attr(getattr(config, "ffn_config", None), ("moe_top_k",), layer)  # DBRX
+        int_attr(module, TOP_K_ATTRS, layer)
+        or int_attr(parent, TOP_K_ATTRS, layer)
+        or int_attr(config, TOP_K_ATTRS, layer)
+        or int_attr(getattr(config, "ffn_config", None), ("moe_top_k",), layer)  # DBRX
         or 0
     )
     scoring = scoring_for(target.model_type, config)
@@ -239,7 +247,7 @@ def _build_spec(model: nn.Module, index: int, path: str, module: nn.Module, targ
         selection = "top-k"
     if target.model_type == "dbrx":  # DBRX keeps k and the experts on the parent FFN.
         selection_module = getattr(parent, "experts", None)
-        top_k = _int_attr(parent, ("top_k",), layer) or top_k
+        top_k = int_attr(parent, ("top_k",), layer) or top_k
     else:
         selection_module = None
     return RouterSpec(
@@ -292,8 +300,8 @@ def find_routers_heuristic(model: nn.Module, sample: torch.Tensor) -> list[Route
     Runs one forward on ``sample`` with temporary hooks on every module and keeps the outermost matches.
     """
     config = getattr(model, "config", None)
-    experts = _int_attr(config, EXPERT_COUNT_ATTRS, -1)
-    top_k = _int_attr(config, TOP_K_ATTRS, -1) or 1
+    experts = int_attr(config, EXPERT_COUNT_ATTRS, -1)
+    top_k = int_attr(config, TOP_K_ATTRS, -1) or 1
     model_type = getattr(config, "model_type", "unknown")
     if not experts:
         raise NotMoEError(
