@@ -16,7 +16,7 @@ from torch import nn
 
 from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
-from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic, router_linear_names
+from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic, moe_block, router_linear_names
 from moe_inspect.units import human_bytes
 
 DTYPES: dict[str, torch.dtype | str] = {
@@ -191,9 +191,7 @@ def routed_expert_modules(model: nn.Module, routers: list[RouterSpec]) -> list[n
     """The routed-experts module beside each router (``mlp.experts`` and kin), where it has one."""
     found: dict[int, nn.Module] = {}
     for spec in routers:
-        parent_path = spec.path.rsplit(".", 1)[0] if "." in spec.path else ""
-        owner = spec.module if spec.parser == "doge" else model.get_submodule(parent_path)
-        experts = getattr(owner, "experts", None)
+        experts = getattr(moe_block(model, spec), "experts", None)
         if isinstance(experts, nn.Module):
             found[id(experts)] = experts
     return list(found.values())

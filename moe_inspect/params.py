@@ -42,6 +42,7 @@ from moe_inspect.routers import (
     find_routers,
     int_attr,
     layer_index,
+    moe_block,
     parent_module,
     safe_getattr,
 )
@@ -271,18 +272,11 @@ def _text_config(config: Any) -> Any:
     return getter() if callable(getter) else config
 
 
-def _moe_block(model: nn.Module, spec: RouterSpec) -> nn.Module | None:
-    """The module holding this router's experts: its parent, or itself when it is the whole block (Doge)."""
-    if facts_for(spec.model_type).router_linears is not None:
-        return spec.module
-    return parent_module(model, spec.path)
-
-
 def _fill_expert_count(model: nn.Module, spec: RouterSpec) -> None:
     """E when the router spec could not read it (DBRX keeps it in ``ffn_config``; probing needs a forward)."""
     if spec.num_experts > 0:
         return
-    block = _moe_block(model, spec)
+    block = moe_block(model, spec)
     experts = getattr(block, "experts", None) if block is not None else None
     count = int_attr(experts, EXPERT_COUNT_ATTRS) if isinstance(experts, nn.Module) else None
     if count is None:
@@ -293,7 +287,7 @@ def _fill_expert_count(model: nn.Module, spec: RouterSpec) -> None:
 
 def _routed_params(model: nn.Module, spec: RouterSpec) -> list[nn.Parameter]:
     """Parameters of the experts this router chooses among (rule in the module docstring)."""
-    block = _moe_block(model, spec)
+    block = moe_block(model, spec)
     if block is None:
         return []
     experts = getattr(block, "experts", None)

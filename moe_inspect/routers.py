@@ -208,6 +208,14 @@ def parent_module(model: nn.Module, path: str) -> nn.Module | None:
     return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
 
 
+def moe_block(model: nn.Module, spec: RouterSpec) -> nn.Module | None:
+    """The module holding this router's experts: its parent, or the router itself when the recorded module
+    is the whole MoE block (Doge)."""
+    if facts_for(spec.model_type).router_linears is not None:
+        return spec.module
+    return parent_module(model, spec.path)
+
+
 def _shared_experts(parent: nn.Module | None, config: Any) -> int:
     if parent is None or not any(getattr(parent, a, None) is not None for a in SHARED_ATTRS):
         return 0
