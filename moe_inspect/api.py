@@ -13,6 +13,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from moe_inspect.analysis.ablate import AblationReport, build_plan, run_ablation
+from moe_inspect.analysis.ablate import Progress as AblateProgress
 from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.capture import capture
 from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
@@ -98,6 +100,46 @@ class Inspector:
         if not reader.lines:
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
+
+    def ablate(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        files: Sequence[str | Path] | None = None,
+        seq_len: int | None = None,
+        batch_size: int = 4,
+        lines: bool = False,
+        max_tokens: int | None = None,
+        top_k: Sequence[int] = (),
+        dense: bool = False,
+        drop_experts: Sequence[str] = (),
+        capacity_factors: Sequence[float] = (),
+        drop_policy: str = "position",
+        importance: bool = False,
+        layers: Iterable[int] | None = None,
+        gradients: bool = False,
+        reader: CorpusReader | None = None,
+        progress: AblateProgress | None = None,
+    ) -> AblationReport:
+        """Loss under routing changes against the unchanged model on the same batches (tables of ``schemas``)."""
+        plan = build_plan(
+            self.loaded, top_k=top_k, dense=dense, drop_experts=drop_experts, capacity_factors=capacity_factors,
+            drop_policy=drop_policy, importance=importance, layers=layers, gradients=gradients,
+        )
+        if reader is None:
+            reader = self.corpus(
+                texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
+            )
+            reader.check_long_enough()
+        info = {
+            "corpus": [f.describe() for f in reader.files],
+            "seq_len": reader.seq_len,
+            "batch_size": reader.batch_size,
+            "mode": "lines" if reader.lines else "packed",
+            "max_tokens": reader.max_tokens,
+            "drop_policy": drop_policy,
+        }
+        return run_ablation(self.loaded, reader.batches(), plan, progress, info)
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]

@@ -18,6 +18,11 @@ Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "probabilities", "produc
 # softmax over the chosen experts' logits (top-k first, then softmax).
 WeightNorm = Literal["config", "always", "never", "softmax_over_chosen"]
 Parser = Literal["tuple", "logits_only", "llama4", "jetmoe", "doge", "zaya"]
+# How ``ablate`` recomputes a family's selection from its router logits (see analysis/interventions.py):
+# "softmax_topk": softmax over E, top-k, then ``weight_norm``; "topk_softmax": top-k logits, softmax over the k;
+# "deepseek_v3": sigmoid, top-k of sigmoid + e_score_correction_bias within the best groups, unbiased weights,
+# optional renormalisation, times routed_scaling_factor.
+Reselect = Literal["softmax_topk", "topk_softmax", "deepseek_v3"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class FamilyFacts:
     # Families that ignore the configured k.
     fixed_top_k: int | None = None
     weight_norm: WeightNorm = "config"
+    # The router's (logits, weights, index) contract is re-implemented by ``analysis/interventions.py`` for this
+    # family, so its selection can be changed (top-k, removed experts, capacity); the rule is named here.
+    reselect: Reselect | None = None
     note: str = ""
 
 
@@ -122,6 +130,19 @@ _WEIGHT_NORMS: dict[WeightNorm, str] = {
 for _norm, _names in _WEIGHT_NORMS.items():
     for _name in _names.split():
         FAMILIES[_name] = replace(FAMILIES.get(_name, FamilyFacts()), weight_norm=_norm)
+
+# Families whose router selection ``ablate`` re-implements, checked in tests/test_ablate_families.py: with the
+# family's own k and nothing removed, the recomputed (weights, index) equal the router's output bit for bit.
+_RESELECT: dict[Reselect, str] = {
+    "softmax_topk": "mixtral minimax qwen2_moe qwen3_moe olmoe flex_olmo qwen3_next qwen3_5_moe_text qwen4_exp_text "
+    "mellum hunyuan_v1_moe jamba",
+    "topk_softmax": "gpt_oss granitemoe granitemoeshared granitemoehybrid granitemoe_swa aria_text",
+    "deepseek_v3": "deepseek_v3 glm4_moe dots1 deepseek_v32 glm4_moe_lite glm_moe_dsa exaone_moe solar_open "
+    "mimo_v2_flash dots3_note_text",
+}
+for _rule, _names in _RESELECT.items():
+    for _name in _names.split():
+        FAMILIES[_name] = replace(FAMILIES[_name], reselect=_rule)
 
 UNKNOWN_FAMILY = FamilyFacts(note="family not in moe-inspect's registry; softmax scoring assumed")
 

@@ -131,4 +131,55 @@ ROUTERS = Schema(
     ),
 )
 
-ALL = (ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS)
+ABLATION = Schema(
+    "ablation",
+    "One row per ablate setting, each against the unchanged model on the same batches.",
+    (
+        Column("setting", "string", "'baseline' for the unchanged model, else the option as typed ('top-k=1')"),
+        Column("layers", "string", "MoE layers the setting changes ('all', or a comma list; '' for baseline)"),
+        Column("loss", "float64", "next-token cross entropy in nats: sum over all predicted positions / their count"),
+        Column("perplexity", "float64", "exp(loss)"),
+        Column("delta_loss", "float64", "loss - baseline loss"),
+        Column("rel_delta", "float64", "delta_loss / baseline loss"),
+        Column("tokens", "int64", "predicted positions (real tokens with a real next token)"),
+        Column("drop_rate", "float64", "dropped / all assignments over every MoE layer (0 unless capacity applies)"),
+    ),
+)
+
+ABLATION_LAYERS = Schema(
+    "ablation_layers",
+    "One row per (setting that drops assignments, MoE layer): the capacity drop rate actually applied.",
+    (
+        Column("setting", "string", "the option as typed ('capacity-factor=1.0')"),
+        Column("layer", "int64", "decoder-layer index"),
+        Column("drop_rate", "float64", "dropped / all assignments of real tokens in this layer"),
+        Column("tokens", "int64", "real tokens routed by this layer"),
+    ),
+)
+
+IMPORTANCE = Schema(
+    "importance",
+    "One row per (MoE layer, expert) of the layers asked for: the loss cost of removing that expert alone.",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("expert", "int64", "expert id"),
+        Column("delta_loss", "float64", "loss with the expert removed (masked before selection) - baseline loss"),
+        Column("rank", "int64", "1 = the most important expert of its layer (largest delta_loss)"),
+        Column("frequency", "float64", "share of real tokens that chose the expert (baseline pass)"),
+        Column("mean_weight", "float64", "mean combine weight over the tokens that chose it"),
+        Column("output_norm_saliency", "float64", "mean over routed tokens of weight x ||expert output||"),
+    ),
+)
+
+GRADIENTS = Schema(
+    "gradients",
+    "One row per (MoE layer, expert): the gradient norm of the loss with respect to that expert's weights.",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("expert", "int64", "expert id"),
+        Column("grad_norm", "float64", "L2 norm of d(batch mean loss)/d(expert weights), token-weighted over batches"),
+        Column("tokens", "int64", "real tokens routed to the expert during the gradient passes"),
+    ),
+)
+
+ALL = (ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS, ABLATION, ABLATION_LAYERS, IMPORTANCE, GRADIENTS)

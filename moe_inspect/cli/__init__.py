@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from moe_inspect.cli.ablate import ABLATE_EXAMPLES, ablate
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
 from moe_inspect.cli.info import INFO_EXAMPLES, info
 from moe_inspect.cli.route import ROUTE_EXAMPLES, route
@@ -26,6 +27,7 @@ def _root() -> None:
 app.command(epilog=ROUTE_EXAMPLES)(route)
 app.command(epilog=BALANCE_EXAMPLES)(balance)
 app.command(epilog=INFO_EXAMPLES)(info)
+app.command(epilog=ABLATE_EXAMPLES)(ablate)
 
 
 def main() -> None:

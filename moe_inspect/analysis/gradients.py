@@ -1,0 +1,116 @@
+"""Per-expert gradient norms of the language-model loss, with gradients kept only for the routed experts.
+
+transformers 5 stores a layer's routed experts as fused parameters whose first dimension is the expert
+(``gate_up_proj [E, ...]``, ``down_proj [E, ...]``, GPT-OSS biases ``[E, ...]``), so expert e's gradient is
+slice e of each. Every other parameter has ``requires_grad`` switched off for the pass (no gradient buffers,
+no optimizer state), the norms are reduced on the device right after each backward, and the gradients are
+freed before the next batch: memory is one set of expert-gradient buffers plus the activations autograd keeps
+for one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from moe_inspect.analysis.importance import experts_module
+from moe_inspect.capture import RouterOutput, capture
+from moe_inspect.errors import UserError
+from moe_inspect.routers import RouterSpec
+from moe_inspect.schemas import GRADIENTS
+
+
+def expert_parameters(model: nn.Module, spec: RouterSpec) -> list[nn.Parameter]:
+    """The layer's fused expert parameters (first dimension = routed experts)."""
+    experts = experts_module(model, spec)
+    params = [p for p in experts.parameters() if p.dim() >= 1 and p.shape[0] == spec.num_experts]
+    if not params:
+        raise UserError(f"Layer {spec.layer} stores no per-expert weights moe-inspect can take gradients of.")
+    return params
+
+
+@contextmanager
+def grads_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """``requires_grad`` on ``params`` only, for the block; every flag and ``.grad`` restored afterwards."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    chosen = {id(p) for p in params}
+    try:
+        for p, _, _ in saved:
+            p.requires_grad_(id(p) in chosen)
+            p.grad = None
+        yield
+    finally:
+        for p, flag, grad in saved:
+            p.grad = grad
+            p.requires_grad_(flag)
+
+
+class GradientAccumulator:
+    """Token-weighted sums of per-batch, per-expert gradient norms, and routed-token counts, on the device."""
+
+    def __init__(self, model: nn.Module, routers: list[RouterSpec]) -> None:
+        self.model = model
+        self.routers = routers
+        self.params = {spec.index: expert_parameters(model, spec) for spec in routers}
+        self.tokens = 0
+        self._norm_sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+
+    def all_parameters(self) -> list[nn.Parameter]:
+        return [p for params in self.params.values() for p in params]
+
+    def _count(self, spec: RouterSpec, out: RouterOutput) -> None:
+        assert self._mask is not None
+        mask = self._mask.to(out.experts.device).reshape(-1, 1).long()
+        counts = torch.zeros(spec.num_experts, dtype=torch.int64, device=out.experts.device)
+        valid = (out.experts < spec.num_experts).long() * mask
+        counts.index_add_(0, out.experts.clamp(max=spec.num_experts - 1).reshape(-1), valid.reshape(-1))
+        self._counts[spec.index] = self._counts.get(spec.index, 0) + counts
+
+    @contextmanager
+    def counting(self, attention_mask: torch.Tensor) -> Iterator[None]:
+        """Routed-token counts for this batch's forward (capture hooks, removed on exit)."""
+        self._mask = attention_mask
+        with capture(self.routers, sink=self._count, keep=False):
+            yield
+
+    def add_batch(self, predicted: int) -> None:
+        """After ``backward`` of the batch's mean loss: reduce each expert's gradient to a norm, free the grads."""
+        self.tokens += predicted
+        for spec in self.routers:
+            squares = None
+            for p in self.params[spec.index]:
+                if p.grad is None:
+                    continue
+                part = p.grad.float().pow(2).reshape(spec.num_experts, -1).sum(1)
+                squares = part if squares is None else squares + part
+                p.grad = None
+            if squares is None:
+                continue
+            norms = squares.sqrt().double() * predicted
+            self._norm_sums[spec.index] = self._norm_sums.get(spec.index, 0) + norms
+
+    def frame(self) -> pd.DataFrame:
+        rows = []
+        for spec in self.routers:
+            norms = self._norm_sums.get(spec.index)
+            counts = self._counts.get(spec.index)
+            e = spec.num_experts
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "layer": spec.layer,
+                        "expert": np.arange(e),
+                        "grad_norm": norms.cpu().numpy() / max(self.tokens, 1) if norms is not None else np.zeros(e),
+                        "tokens": counts.cpu().numpy() if isinstance(counts, torch.Tensor) else np.zeros(e, int),
+                    }
+                )
+            )
+        frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=GRADIENTS.names)
+        return frame[GRADIENTS.names].astype(GRADIENTS.dtypes)
