@@ -103,7 +103,8 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    modules = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return modules + sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

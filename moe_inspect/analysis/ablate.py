@@ -19,10 +19,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from moe_inspect.analysis.gradients import GradientAccumulator, grads_only_for
+from moe_inspect.analysis.gradients import GradientAccumulator
 from moe_inspect.analysis.importance import ProxyAccumulator, importance_frame, proxy_spearman
 from moe_inspect.analysis.interventions import Rerouter, RoutingChange, reroutable_routers
-from moe_inspect.analysis.outputs import OutputHead, token_losses
+from moe_inspect.analysis.outputs import OutputHead, predicted_positions, token_losses
 from moe_inspect.balance import package_versions
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
@@ -125,14 +125,16 @@ def run_ablation(
             ids = batch.input_ids.to(device, non_blocking=True)
             mask = batch.attention_mask.to(device, non_blocking=True)
             positions = _positions(batch.attention_mask).to(device, non_blocking=True)
+            # Counted on the host from the CPU mask: no device sync per batch.
+            count = int(predicted_positions(batch.attention_mask).sum())
             batch_sums = []
             with torch.inference_mode():
                 if proxies is not None:
                     proxies.begin_batch(batch.attention_mask)
                     with proxies.active():
-                        loss, count = token_losses(head, head.decode(ids, mask, positions))
+                        loss = token_losses(head, head.decode(ids, mask, positions))[0]
                 else:
-                    loss, count = token_losses(head, head.decode(ids, mask, positions))
+                    loss = token_losses(head, head.decode(ids, mask, positions))[0]
                 batch_sums.append(loss)
                 for done, rerouter in enumerate([*reroutes, *removal_reroutes], start=2):
                     rerouter.begin_batch(batch.attention_mask)
@@ -141,15 +143,14 @@ def run_ablation(
                     if progress is not None:
                         progress(batch, done, passes)
             if grads is not None:
-                with grads_only_for(model, grads.all_parameters()), torch.enable_grad(), grads.counting(mask):
-                    grad_loss, grad_count = token_losses(head, head.decode(ids, mask, positions))
-                    n = int(grad_count)
-                    if n:
-                        (grad_loss / n).backward()
-                    grads.add_batch(n)
+                with grads.active(mask):
+                    grad_loss = token_losses(head, head.decode(ids, mask, positions))[0]
+                    if count:
+                        (grad_loss / count).backward()
+                    grads.add_batch(count)
             stacked = torch.stack(batch_sums)
             sums = stacked if sums is None else sums + stacked
-            predicted += int(count)
+            predicted += count
             tokens += batch.tokens
             batches_done += 1
             if progress is not None:

@@ -3,15 +3,16 @@
 transformers 5 stores a layer's routed experts as fused parameters whose first dimension is the expert
 (``gate_up_proj [E, ...]``, ``down_proj [E, ...]``, GPT-OSS biases ``[E, ...]``), so expert e's gradient is
 slice e of each. Every other parameter has ``requires_grad`` switched off for the pass (no gradient buffers,
-no optimizer state), the norms are reduced on the device right after each backward, and the gradients are
-freed before the next batch: memory is one set of expert-gradient buffers plus the activations autograd keeps
-for one batch.
+no optimizer state), the norms are reduced on the device as each gradient arrives (a post-accumulate hook), which
+then frees it: memory is one fused expert parameter's gradient at a time plus the activations autograd keeps for
+one batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,11 @@ def grads_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
 
 
 class GradientAccumulator:
-    """Token-weighted sums of per-batch, per-expert gradient norms, and routed-token counts, on the device."""
+    """Token-weighted sums of per-batch, per-expert gradient norms, and routed-token counts, on the device.
+
+    Each expert parameter's gradient is reduced to per-expert squared norms by a post-accumulate hook the moment
+    backward produces it, then freed, so at most one parameter's gradient exists at a time.
+    """
 
     def __init__(self, model: nn.Module, routers: list[RouterSpec]) -> None:
         self.model = model
@@ -59,6 +64,7 @@ class GradientAccumulator:
         self.params = {spec.index: expert_parameters(model, spec) for spec in routers}
         self.tokens = 0
         self._norm_sums: dict[int, torch.Tensor] = {}
+        self._squares: dict[int, torch.Tensor] = {}  # this batch's per-expert squared norms
         self._counts: dict[int, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
 
@@ -73,28 +79,38 @@ class GradientAccumulator:
         counts.index_add_(0, out.experts.clamp(max=spec.num_experts - 1).reshape(-1), valid.reshape(-1))
         self._counts[spec.index] = self._counts.get(spec.index, 0) + counts
 
+    def _reduce(self, spec: RouterSpec) -> Any:
+        def hook(param: nn.Parameter) -> None:
+            if param.grad is None:
+                return
+            part = param.grad.float().pow(2).reshape(spec.num_experts, -1).sum(1)
+            self._squares[spec.index] = self._squares.get(spec.index, 0) + part
+            param.grad = None
+
+        return hook
+
     @contextmanager
-    def counting(self, attention_mask: torch.Tensor) -> Iterator[None]:
-        """Routed-token counts for this batch's forward (capture hooks, removed on exit)."""
+    def active(self, attention_mask: torch.Tensor) -> Iterator[None]:
+        """Gradients for expert weights only, reduced as they arrive; routed-token counts for this batch."""
         self._mask = attention_mask
-        with capture(self.routers, sink=self._count, keep=False):
-            yield
+        handles = []
+        with grads_only_for(self.model, self.all_parameters()), torch.enable_grad():
+            try:
+                for spec in self.routers:
+                    for param in self.params[spec.index]:
+                        handles.append(param.register_post_accumulate_grad_hook(self._reduce(spec)))
+                with capture(self.routers, sink=self._count, keep=False):
+                    yield
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     def add_batch(self, predicted: int) -> None:
-        """After ``backward`` of the batch's mean loss: reduce each expert's gradient to a norm, free the grads."""
+        """After ``backward`` of the batch's mean loss: weight each expert's gradient norm by the batch's tokens."""
         self.tokens += predicted
-        for spec in self.routers:
-            squares = None
-            for p in self.params[spec.index]:
-                if p.grad is None:
-                    continue
-                part = p.grad.float().pow(2).reshape(spec.num_experts, -1).sum(1)
-                squares = part if squares is None else squares + part
-                p.grad = None
-            if squares is None:
-                continue
-            norms = squares.sqrt().double() * predicted
-            self._norm_sums[spec.index] = self._norm_sums.get(spec.index, 0) + norms
+        for index, squares in self._squares.items():
+            self._norm_sums[index] = self._norm_sums.get(index, 0) + squares.sqrt().double() * predicted
+        self._squares = {}
 
     def frame(self) -> pd.DataFrame:
         rows = []

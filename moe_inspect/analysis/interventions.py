@@ -229,8 +229,12 @@ class Rerouter:
             logits, old_weights = out[0], out[1]
             if logits.device not in removed_cache:
                 removed_cache[logits.device] = self._removed_mask(spec, logits.device)
-            weights, index = reselect(spec, module, logits, k, removed_cache[logits.device])
-            weights = weights.to(old_weights.dtype)
+            removed = removed_cache[logits.device]
+            if k == spec.top_k and removed is None:  # selection unchanged (capacity only): the router's own
+                weights, index = old_weights, out[2]
+            else:
+                weights, index = reselect(spec, module, logits, k, removed)
+                weights = weights.to(old_weights.dtype)
             if self.change.capacity_factor is not None:
                 weights = self._apply_capacity(spec, weights, index)
             return (out[0], weights, index.to(out[2].dtype), *out[3:])

@@ -48,13 +48,13 @@ def importance_table(importance: pd.DataFrame, spearman: pd.DataFrame | None) ->
         title=f"Expert importance: loss increase when removed alone ({EXTREMES} most / least per layer)",
         title_justify="left",
     )
-    for name in ("layer", "most important (Δ loss)", "least important (Δ loss)", "ρ freq", "ρ weight", "ρ saliency"):
+    for name in ("layer", "most important (expert:Δ loss)", "least important", "ρ freq", "ρ weight", "ρ saliency"):
         table.add_column(name, justify="right" if name.startswith("ρ") or name == "layer" else "left")
     rho = {int(r["layer"]): r for r in spearman.to_dict(orient="records")} if spearman is not None else {}
     for layer, part in importance.groupby("layer", sort=True):
         ranked = part.sort_values("rank")
-        top = ", ".join(f"{int(r.expert)} ({r.delta_loss:+.4f})" for r in ranked.head(EXTREMES).itertuples())
-        bottom = ", ".join(f"{int(r.expert)} ({r.delta_loss:+.4f})" for r in ranked.tail(EXTREMES).itertuples())
+        top = ", ".join(f"{int(r.expert)}:{r.delta_loss:+.3f}" for r in ranked.head(EXTREMES).itertuples())
+        bottom = ", ".join(f"{int(r.expert)}:{r.delta_loss:+.3f}" for r in ranked.tail(EXTREMES).itertuples())
         corr = rho.get(int(layer), {})
         table.add_row(
             str(layer),
@@ -67,14 +67,14 @@ def importance_table(importance: pd.DataFrame, spearman: pd.DataFrame | None) ->
 
 def gradients_table(gradients: pd.DataFrame) -> Table:
     table = Table(title="Per-expert gradient norm of the loss (largest / smallest per layer)", title_justify="left")
-    for name in ("layer", "largest", "smallest"):
+    for name in ("layer", "largest (expert:norm)", "smallest"):
         table.add_column(name, justify="right" if name == "layer" else "left")
     for layer, part in gradients.groupby("layer", sort=True):
         ranked = part.sort_values("grad_norm", ascending=False)
         table.add_row(
             str(layer),
-            ", ".join(f"{int(r.expert)} ({r.grad_norm:.3g})" for r in ranked.head(EXTREMES).itertuples()),
-            ", ".join(f"{int(r.expert)} ({r.grad_norm:.3g})" for r in ranked.tail(EXTREMES).itertuples()),
+            ", ".join(f"{int(r.expert)}:{r.grad_norm:.3g}" for r in ranked.head(EXTREMES).itertuples()),
+            ", ".join(f"{int(r.expert)}:{r.grad_norm:.3g}" for r in ranked.tail(EXTREMES).itertuples()),
         )
     return table
 
