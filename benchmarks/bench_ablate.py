@@ -4,8 +4,9 @@ of `--importance` for one layer of the demo model.
 Variants run interleaved over the same batches, round after round, so machine noise hits them alike:
 the bare forward (``model(...)``, full logits, no hooks), ablate's baseline pass (decoder once, loss from the
 chunked head) and one pass under each setting (router hooks + re-selection, same loss path). Reported as
-median ratios over rounds. Then a full ``Inspector.ablate(importance=True, layers=[L])`` is timed against the
-bare forward over the same corpus.
+median ratios over rounds. Times are this process's CPU time (one intra-op thread), which a machine
+shared with other jobs disturbs far less than wall-clock time. Then a full
+``Inspector.ablate(importance=True, layers=[L])`` is timed against the bare forward over the same corpus.
 
     python benchmarks/bench_ablate.py --rounds 5 --max-tokens 8192
 """
@@ -86,14 +87,14 @@ def main() -> None:
             fn()
         for _ in range(args.rounds):
             for name, fn in variants.items():
-                started = time.perf_counter()
+                started = time.process_time()
                 fn()
-                times[name].append(time.perf_counter() - started)
+                times[name].append(time.process_time() - started)
     tokens = sum(b.tokens for b in batches)
     print(f"Machine: {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); demo model {args.dtype} on cpu; {len(batches)} batches of "
           f"{args.batch_size} x {args.seq_len} ({tokens:,} tokens), {args.rounds} rounds after one warm-up.\n")
-    print("| pass | median seconds per round | ratio to bare forward (median over rounds) |")
+    print("| pass | median CPU seconds per round | ratio to bare forward (median over rounds) |")
     print("|---|---|---|")
     for name, values in times.items():
         ratios = [v / b for v, b in zip(values, times["bare forward"], strict=True)]
@@ -102,10 +103,10 @@ def main() -> None:
     for name, values in times.items():
         print(f"{name}: " + ", ".join(f"{v:.3f}" for v in values))
 
-    started = time.perf_counter()
+    started = time.process_time()
     report = insp.ablate(files=[args.corpus], seq_len=args.seq_len, batch_size=args.batch_size,
                          max_tokens=args.max_tokens, importance=True, layers=[args.importance_layer])
-    importance_s = time.perf_counter() - started
+    importance_s = time.process_time() - started
     bare_s = statistics.median(times["bare forward"])
     print(f"\n--importance --layers {args.importance_layer}: {report.run['passes_per_batch']} passes per batch, "
           f"{importance_s:.2f} s = {importance_s / bare_s:.1f}x one bare forward over the corpus ({bare_s:.3f} s)")

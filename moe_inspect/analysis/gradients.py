@@ -83,7 +83,11 @@ class GradientAccumulator:
         def hook(param: nn.Parameter) -> None:
             if param.grad is None:
                 return
-            part = param.grad.float().pow(2).reshape(spec.num_experts, -1).sum(1)
+            # One expert's slice at a time in float32, never a float32 copy of the whole fused gradient.
+            grad = param.grad
+            part = torch.stack(
+                [torch.linalg.vector_norm(grad[e], dtype=torch.float32) for e in range(spec.num_experts)]
+            ).pow(2)
             self._squares[spec.index] = self._squares.get(spec.index, 0) + part
             param.grad = None
 
