@@ -254,3 +254,20 @@ def test_cli_writes_the_tables_and_refuses_bad_specs(tiny_dir, tmp_path: Path) -
     assert ablation["setting"].tolist() == ["baseline", "top-k=1", "capacity-factor=1.0"]
     assert "top-k=1" in good.stdout and "Expert importance" in good.stdout
     assert json.loads((out / "run.json").read_text())["passes_per_batch"] == 12
+
+
+def test_ctrl_c_keeps_the_completed_batches(tiny_dir) -> None:
+    """Interrupted in the middle of the second batch: the figures are the first batch's, for every setting."""
+    insp = moe_inspect.load(str(tiny_dir("mixtral")))
+    full = insp.ablate(TEXTS, seq_len=24, batch_size=1, max_tokens=24, top_k=[1, 3])
+    calls: list[tuple[int, int]] = []
+
+    def interrupt(_batch, done: int, of: int) -> None:
+        calls.append((done, of))
+        if len(calls) == 3:  # batch 1: (2, 3), (3, 3) done; batch 2: Ctrl-C after its second pass
+            raise KeyboardInterrupt
+
+    report = insp.ablate(TEXTS, seq_len=24, batch_size=1, top_k=[1, 3], progress=interrupt)
+    assert calls[:3] == [(2, 3), (3, 3), (2, 3)]
+    assert report.partial and report.run["batches"] == 1
+    assert report.ablation["loss"].tolist() == full.ablation["loss"].tolist()

@@ -10,6 +10,7 @@ Ctrl-C leaves consistent partial figures.
 from __future__ import annotations
 
 import math
+import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ def run_ablation(
                     rerouter.begin_batch(batch.attention_mask)
                     with rerouter.active():
                         batch_sums.append(token_losses(head, head.decode(ids, mask, positions))[0])
-                    if progress is not None:
+                    if progress is not None and done < passes:
                         progress(batch, done, passes)
             if grads is not None:
                 with grads.active(mask):
@@ -186,6 +187,8 @@ def run_ablation(
         "partial": partial,
         "routers": [spec.describe() for spec in routers],
         "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         **(run_info or {}),
     }
     if spearman is not None:
