@@ -167,7 +167,7 @@ IMPORTANCE = Schema(
         Column("rank", "int64", "1 = the most important expert of its layer (largest delta_loss)"),
         Column("frequency", "float64", "share of real tokens that chose the expert (baseline pass)"),
         Column("mean_weight", "float64", "mean combine weight over the tokens that chose it"),
-        Column("output_norm_saliency", "float64", "mean over routed tokens of weight x ||expert output||"),
+        Column("output_norm_saliency", "float64", "mean over routed tokens of weight x ‖expert output‖"),
     ),
 )
 
