@@ -47,7 +47,7 @@ def test_top_k_equals_the_checkpoint_reloaded_with_k(model_type: str, tiny_dir, 
     for setting, k in (("top-k=1", 1), ("top-k=3", 3), ("dense", experts)):
         reloaded = moe_inspect.load(str(_with_config(tiny_dir(model_type), tmp_path / setting, num_experts_per_tok=k)))
         assert reloaded.loaded.routers[0].top_k == k
-        assert losses[setting] == pytest.approx(_loss(reloaded), rel=1e-6, abs=1e-7), setting
+        assert losses[setting] == _loss(reloaded), setting  # bit for bit (float32, CPU)
     assert losses["top-k=1"] != losses["baseline"]  # the change does change something
 
 
@@ -76,6 +76,7 @@ def test_drop_experts_equals_the_sliced_checkpoint(model_type: str, tiny_dir, tm
     report = insp.ablate(TEXTS, **OPTS, drop_experts=["*:3"])
     sliced = moe_inspect.load(str(_sliced_checkpoint(tiny_dir(model_type), tmp_path / "sliced", 3)))
     assert sliced.loaded.routers[0].num_experts == insp.loaded.routers[0].num_experts - 1
+    # Not bit for bit: a softmax over 7 logits and one over 8 with a -inf round differently (4e-7 on Mixtral).
     assert float(report.ablation.loc[1, "loss"]) == pytest.approx(_loss(sliced), rel=1e-6, abs=1e-7)
     assert report.ablation.loc[1, "layers"] == "all"
 
