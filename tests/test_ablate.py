@@ -235,6 +235,13 @@ def test_cli_writes_the_tables_and_refuses_bad_specs(tiny_dir, tmp_path: Path) -
     bad = subprocess.run([*env_cmd, *model, "--drop-experts", "9:0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2
     assert "Layer 9 does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    for option, value, sentence in (
+        ("--top-k", "0", "top-k must be at least 1; got 0."),
+        ("--drop-experts", "3-1", "'3-1' is not LAYER:EXPERT"),
+        ("--capacity-factor", "0", "A capacity factor must be positive; got 0.0."),
+    ):  # refused before the model loads: no status line about it
+        early = subprocess.run([*env_cmd, *model, option, value], capture_output=True, text=True, env=env)
+        assert early.returncode == 2 and sentence in early.stderr and "routers" not in early.stderr, early.stderr
     out = tmp_path / "out"
     args = ["--top-k", "1", "--capacity-factor", "1.0", "--importance", "--layers", "1", "--gradients"]
     args += ["--out", str(out)]

@@ -9,7 +9,8 @@ attribute of the model is written: the unchanged model is the same model once th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -86,6 +87,23 @@ def top_k_change(k: int, routers: list[RouterSpec], label: str | None = None) ->
 
 def dense_change(label: str = "dense") -> RoutingChange:
     return RoutingChange(label=label, dense=True)
+
+
+def check_request(top_k: Iterable[int], drop_experts: Iterable[str], capacity_factors: Iterable[float]) -> None:
+    """What can be refused without the model (before loading it): k < 1, capacity <= 0, malformed items."""
+    for k in top_k:
+        if k < 1:
+            raise UserError(f"top-k must be at least 1; got {k}.")
+    for factor in capacity_factors:
+        if not factor > 0:
+            raise UserError(f"A capacity factor must be positive; got {factor}.")
+    for spec in drop_experts:
+        for item in (part.strip() for part in spec.split(",")):
+            if not _ITEM.fullmatch(item):
+                raise UserError(f"'{item}' is not LAYER:EXPERT (for example 5:0 or *:3).")
+
+
+_ITEM = re.compile(r"(\*|\d+)\s*:\s*\d+")
 
 
 def parse_removed(spec: str, routers: list[RouterSpec], num_layers: int) -> frozenset[tuple[int, int]]:

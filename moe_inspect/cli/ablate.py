@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moe_inspect.analysis.interventions import check_request
 from moe_inspect.api import Inspector
 from moe_inspect.cli.common import err, load_for_cli, out, user_errors
 from moe_inspect.cli.options import (
@@ -105,6 +106,7 @@ def ablate(
         raise UserError("--layers chooses the layers of --importance; add --importance.")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory.")
+    check_request(top_k or (), drop_experts or (), capacity_factor or ())  # the rest needs the model
     files = check_files(corpus)
     model_id, _ = resolve_model(model)
     tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
