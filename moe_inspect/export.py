@@ -1,4 +1,8 @@
-"""Atomic writes: a reader never sees a half-written CSV, JSON or PNG, even after Ctrl-C or a crash."""
+"""Output files: checked before any work starts, then written atomically.
+
+A reader never sees a half-written CSV, JSON or PNG, even after Ctrl-C or a crash; and a path that cannot
+be written is refused before a model loads, not after an hour of routing.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import IO, Any
 
 import pandas as pd
 
+from moe_inspect.errors import UserError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -26,6 +32,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_output(path: str | Path, label: str, folder: bool = False) -> Path:
+    """Refuse, in one sentence, an output path that cannot be written; creates nothing.
+
+    Proves that a file can be created and renamed in the nearest existing folder on the way (what the atomic
+    writes below will do), and refuses a folder where a file is meant and the other way round.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        kind = "is a folder; name a file" if path.is_dir() else "is a file, not a folder"
+        raise UserError(f"{label} {path} {kind}.")
+    existing = _nearest_existing(path if folder else path.parent)
+    if not existing.is_dir():
+        raise UserError(f"{label} {path} cannot be created: {existing} is a file, not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moe-inspect-probe-", dir=existing)
+        os.close(fd)
+        os.replace(probe, probe + ".renamed")
+        os.unlink(probe + ".renamed")
+    except OSError as exc:
+        raise UserError(f"{label} {path} cannot be written: {existing}: {exc.strerror or exc}.") from None
+    return path
 
 
 def _atomic(path: Path, write: Callable[[IO[str]], None]) -> Path:

@@ -46,5 +46,5 @@ app.command(epilog=INFO_EXAMPLES)(info)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also `python -m moe_inspect`, which should not call itself 'python -m')."""
+    app(prog_name="moe-inspect")

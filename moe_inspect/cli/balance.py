@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moe_inspect.cli.common import Output, err, load_for_cli, out, user_errors
+from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, with_load_options
 from moe_inspect.errors import UserError
 from moe_inspect.options import LoadOptions
@@ -52,6 +52,7 @@ def balance(
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
     from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS
     from moe_inspect.corpus import Batch, CorpusReader, check_files
+    from moe_inspect.export import check_output
     from moe_inspect.render.balance import render_balance, write_heatmap_png
     from moe_inspect.source import load_tokenizer, max_positions, resolve_model
 
@@ -61,8 +62,10 @@ def balance(
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'moe-inspect[plot]'.") from None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory.")
+    if out_dir is not None:
+        check_output(out_dir, "--out", folder=True)
+    if plot is not None:
+        check_output(plot, "--plot")
     files = check_files(corpus)
     model_id, _ = resolve_model(load.model)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
@@ -103,12 +106,15 @@ def balance(
         )
     elif output.tables:
         render_balance(report, out)
-    if out_dir is not None:
-        written = report.write(out_dir)
-        output.status(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
-    if plot is not None:
-        write_heatmap_png(report.experts, plot, title=f"{insp.loaded.model_id}: expert load / uniform (log2)")
-        output.status(f"Wrote {plot}")
+    title = f"{insp.loaded.model_id}: expert load / uniform (log2)"
+    failures = [
+        save(report.write, out_dir, "--out", output) if out_dir is not None else None,
+        save(lambda path: write_heatmap_png(report.experts, path, title=title), plot, "--plot", output)
+        if plot is not None
+        else None,
+    ]
+    if any(failures):
+        raise UserError(" ".join(f for f in failures if f))
     if report.partial:
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches routed before Ctrl-C.")
         raise typer.Exit(130)

@@ -12,9 +12,12 @@ import functools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
@@ -94,6 +97,27 @@ def _quiet_libraries() -> Iterator[list[warnings.WarningMessage]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         yield caught
+
+
+def save(write: Callable[[Path], Any], target: Path, label: str, output: Output) -> str | None:
+    """Write with ``write(target)``; when that fails (disk full), write to a temporary folder instead.
+
+    Returns None on success, else the one sentence saying what failed and where the results went.
+    """
+    try:
+        write(target)
+        output.status(f"Wrote {target}")
+        return None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    fallback_dir = Path(tempfile.mkdtemp(prefix="moe-inspect-"))
+    fallback = fallback_dir / (target.name or "output")
+    try:
+        write(fallback)
+    except OSError:
+        shutil.rmtree(fallback_dir, ignore_errors=True)
+        return f"Could not write {label} {target} ({reason}), nor a copy in {fallback_dir.parent}."
+    return f"Could not write {label} {target} ({reason}); the results were saved to {fallback} instead."
 
 
 def load_for_cli(options: LoadOptions, output: Output | None = None, tokenizer: Any = None) -> Inspector:

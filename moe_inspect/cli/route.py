@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from moe_inspect.cli.common import Output, load_for_cli, out, user_errors
+from moe_inspect.cli.common import Output, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, parse_layers, with_load_options
 from moe_inspect.errors import UserError
 from moe_inspect.options import LoadOptions
@@ -48,7 +48,7 @@ def route(
 ) -> None:
     """Show the token-to-expert table: for every token and MoE layer, the experts chosen and their weights.
     """
-    from moe_inspect.export import write_csv
+    from moe_inspect.export import check_output, write_csv
     from moe_inspect.render.route import render_route
 
     output = Output(quiet, json_output)
@@ -56,6 +56,8 @@ def route(
     if not text.strip():
         raise UserError("The prompt is empty.")
     selected = parse_layers(layers)
+    if csv is not None:
+        check_output(csv, "--csv")
     insp = load_for_cli(load, output)
     if selected is not None:
         known = {spec.layer for spec in insp.loaded.routers}
@@ -70,5 +72,6 @@ def route(
     elif output.tables:
         render_route(frame, out)
     if csv is not None:
-        write_csv(frame, csv)
-        output.status(f"Wrote {len(frame)} rows to {csv}")
+        failure = save(lambda path: write_csv(frame, path), csv, "--csv", output)
+        if failure:
+            raise UserError(failure)
