@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
 from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
+from moe_inspect.options import LoadOptions
+from moe_inspect.source import positions_limit
 from moe_inspect.tables import route_frame, routers_frame
 
 
@@ -43,10 +46,7 @@ class Inspector:
 
     def default_seq_len(self) -> int:
         """min(2048, the model's maximum positions)."""
-        config = self.model.config
-        config = getattr(config, "text_config", None) or config
-        limit = getattr(config, "max_position_embeddings", None)
-        return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
+        return min(2048, positions_limit(self.model.config) or 2048)
 
     def corpus(
         self,
@@ -57,8 +57,13 @@ class Inspector:
         batch_size: int = 4,
         lines: bool = False,
         max_tokens: int | None = None,
+        pack: bool = False,
     ) -> CorpusReader:
-        """A reader over in-memory ``texts`` (each its own stream) and/or validated ``files``."""
+        """A reader over in-memory ``texts`` and/or validated ``files``.
+
+        Texts are documents: each is routed as its own sequence(s), padded in batches, unless ``pack`` asks
+        for them to be packed into full windows like files are (short texts then may not fill one).
+        """
         sources: list[CorpusFile] = []
         if isinstance(texts, str):
             texts = [texts]
@@ -66,36 +71,37 @@ class Inspector:
         sources += check_files([str(f) for f in files or []]) if files else []
         if not sources:
             raise UserError("Give texts or files to measure.")
-        return CorpusReader(sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens)
+        documents = bool(texts) and not pack and not lines
+        return CorpusReader(
+            sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens, documents
+        )
 
     def balance(
         self,
         texts: str | Sequence[str] | None = None,
         *,
-        files: Sequence[str | Path] | None = None,
-        seq_len: int | None = None,
-        batch_size: int = 4,
-        lines: bool = False,
-        max_tokens: int | None = None,
         capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
         reader: CorpusReader | None = None,
         progress: Progress | None = None,
+        **corpus_options: Any,
     ) -> BalanceReport:
-        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``)."""
+        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
+
+        ``corpus_options`` are those of ``corpus`` (files, seq_len, batch_size, lines, max_tokens, pack): a
+        list of texts is a list of documents; ``pack=True`` packs them into full windows.
+        """
         if reader is None:
-            reader = self.corpus(
-                texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
-            )
+            reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
         info = {
             "corpus": [f.describe() for f in reader.files],
             "seq_len": reader.seq_len,
             "batch_size": reader.batch_size,
-            "mode": "lines" if reader.lines else "packed",
+            "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
         report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
-        if not reader.lines:
+        if reader.mode != "lines":
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
 
@@ -165,29 +171,17 @@ class Inspector:
         return sequence[0]
 
 
-def load(
-    model: str | None = None,
-    *,
-    tokenizer: Any = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    device_map: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-) -> Inspector:
-    """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector."""
-    return Inspector(
-        load_model(
-            model,
-            tokenizer=tokenizer,
-            dtype=dtype,
-            device=device,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-        )
-    )
+def load(model: str | LoadOptions | None = None, *, tokenizer: Any = None, **fields: Any) -> Inspector:
+    """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector.
+
+    ``fields`` are those of ``LoadOptions`` (dtype, device, revision, trust_remote_code, device_map,
+    load_in_4bit, load_in_8bit); or pass one ``LoadOptions`` as ``model``.
+    """
+    if isinstance(model, LoadOptions):
+        options = replace(model, **fields) if fields else model
+    else:
+        unknown = sorted(set(fields) - set(LoadOptions.field_names()))
+        if unknown:
+            raise TypeError(f"load() got unexpected keyword argument(s): {', '.join(unknown)}")
+        options = LoadOptions(model=model, **fields)
+    return Inspector(load_model(options, tokenizer=tokenizer))

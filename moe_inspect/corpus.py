@@ -149,7 +149,14 @@ class CorpusReader:
     batch_size: int
     lines: bool = False
     max_tokens: int | None = None
+    # Each source is a document: packed into windows of its own, its last partial window routed too (padded).
+    # The API's default for in-memory texts, so a list of short texts is not refused as "too short".
+    documents: bool = False
     unrouted_tail_tokens: int = field(default=0, init=False)  # set once the packed stream is exhausted
+
+    @property
+    def mode(self) -> str:
+        return "lines" if self.lines else "documents" if self.documents else "packed"
 
     @property
     def total_bytes(self) -> int:
@@ -161,8 +168,8 @@ class CorpusReader:
             if self.lines:
                 raise UserError("The corpus has no non-empty line.")
             raise UserError(
-                f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller --seq-len "
-                "or use --lines."
+                f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller `seq_len` "
+                "or use `lines=True`."
             )
 
     def _windows(self) -> Iterator[tuple[list[int], int]]:
@@ -179,7 +186,10 @@ class CorpusReader:
                 for start in range(0, full, self.seq_len):
                     yield buffer[start : start + self.seq_len], done
                 del buffer[:full]
-            self.unrouted_tail_tokens += len(buffer)  # each file's last partial window is not routed
+            if self.documents and buffer and buffer != prefix:
+                yield buffer, done
+            else:
+                self.unrouted_tail_tokens += len(buffer)  # each file's last partial window is not routed
 
     def _line_sequences(self) -> Iterator[tuple[list[int], int]]:
         done = 0

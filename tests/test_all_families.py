@@ -21,6 +21,7 @@ from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.capture import RouterOutput, capture
 from moe_inspect.cli import app
 from moe_inspect.loading import LoadedModel, load
+from moe_inspect.options import LoadOptions
 from moe_inspect.routers import RouterSpec
 
 FAMILIES = moe_families()
@@ -91,7 +92,7 @@ def loaded_family(tiny_dir):
     def get(model_type: str) -> LoadedModel:
         if model_type not in cache:
             cache.clear()  # one family in memory at a time
-            cache[model_type] = load(str(tiny_dir(model_type)))
+            cache[model_type] = load(LoadOptions(str(tiny_dir(model_type))))
         return cache[model_type]
 
     return get

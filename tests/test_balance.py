@@ -229,7 +229,7 @@ def test_counts_and_figures_equal_brute_force(
 
 
 def test_packed_token_count(mixtral: Inspector) -> None:
-    report = mixtral.balance(SAMPLE_TEXT, seq_len=16, batch_size=5)
+    report = mixtral.balance(SAMPLE_TEXT, seq_len=16, batch_size=5, pack=True)
     n = len(mixtral.tokenizer(SAMPLE_TEXT)["input_ids"])  # BOS + text, as the packed stream holds it
     assert report.run["tokens"] == n // 16 * 16
     assert set(report.layers["tokens"]) == {n // 16 * 16}
@@ -256,11 +256,11 @@ def test_aux_loss_equals_transformers_function_single_padded_batch(mixtral: Insp
 
 def test_aux_loss_over_batches_is_the_function_on_all_logits(mixtral: Inspector) -> None:
     """Packed windows all have seq_len columns, so the batches' logits and masks can be concatenated."""
-    reader = mixtral.corpus(SAMPLE_TEXT, seq_len=16, batch_size=5)
+    reader = mixtral.corpus(SAMPLE_TEXT, seq_len=16, batch_size=5, pack=True)
     captured = _captured(mixtral, reader)
     assert len(captured) > 1
     mask = torch.cat([b.attention_mask for b, _ in captured])
-    report = mixtral.balance(SAMPLE_TEXT, seq_len=16, batch_size=5)
+    report = mixtral.balance(SAMPLE_TEXT, seq_len=16, batch_size=5, pack=True)
     for spec in mixtral.loaded.routers:
         logits = torch.cat([outs[spec.index].logits for _, outs in captured])
         want = float(load_balancing_loss_func((logits,), spec.num_experts, spec.top_k, mask))

@@ -81,7 +81,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(cli_balance, "load_for_cli", refuse)
-    monkeypatch.setattr(moe_inspect.cli.common, "load", refuse)
+    monkeypatch.setattr(moe_inspect.api, "load", refuse)
     monkeypatch.setattr(moe_inspect.api, "load_model", refuse)
     monkeypatch.setattr(moe_inspect.loading, "load", refuse)
 

@@ -12,14 +12,16 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_inspect.cli import app
-from moe_inspect.loading import demo_model_path, load
+from moe_inspect.loading import load
+from moe_inspect.options import LoadOptions
+from moe_inspect.source import demo_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_demo_model_has_documented_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MOE_INSPECT_MODEL", raising=False)
-    loaded = load()
+    loaded = load(LoadOptions())
     assert loaded.is_default
     config = loaded.model.config
     assert config.model_type == "mixtral"

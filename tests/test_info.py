@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from moe_inspect.cli.info import info
 from moe_inspect.errors import UserError
-from moe_inspect.params import BYTES_PER_PARAM, ModelInfo, build_meta_model, describe, load_config
+from moe_inspect.info import BYTES_PER_PARAM, ModelInfo, build_meta_model, describe
 from moe_inspect.render.info import layer_ranges, render_info
+from moe_inspect.source import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 JSON_KEYS = {
@@ -223,7 +224,7 @@ def test_remote_code_model_matched_by_structure(tmp_path: Path) -> None:
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 6, "num_experts_per_tok": 2,
     }
     write_remote_code(tmp_path, "tiny_info_remote_moe", config)
-    with pytest.raises(UserError, match="--trust-remote-code"):
+    with pytest.raises(UserError, match="`trust_remote_code=True`"):
         load_config(str(tmp_path))
     remote = describe(load_config(str(tmp_path), trust_remote_code=True), trust_remote_code=True)
     native = _tiny(

@@ -10,6 +10,7 @@ pytest.importorskip("bitsandbytes")
 
 from moe_inspect.capture import capture
 from moe_inspect.loading import load
+from moe_inspect.options import LoadOptions
 
 PROMPT = "def add(a, b): return a + b"
 # bitsandbytes' CPU 4-bit packing needs in_features >= 64 and out_features % 32 == 0; LongCat's tiny MLA is narrower.
@@ -56,12 +57,12 @@ def _router_linears_full_precision(loaded) -> None:
 )
 def test_quantized_routers_stay_full_precision(quant_dir, family: str, bits: int) -> None:
     path = quant_dir(family)
-    loaded = load(path, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    loaded = load(LoadOptions(path, load_in_4bit=bits == 4, load_in_8bit=bits == 8))
     assert loaded.quantization == ("4bit-nf4" if bits == 4 else "8bit")
     quantized = [n for n, m in loaded.model.named_modules() if type(m).__name__ in {"Linear4bit", "Linear8bitLt"}]
     assert quantized, "nothing was quantized: the test would prove nothing"
     _router_linears_full_precision(loaded)
-    reference = load(path)
+    reference = load(LoadOptions(path))
     for spec, ref in zip(loaded.routers, reference.routers, strict=True):
         assert spec.path == ref.path
         for (name, tensor), (_, expected) in zip(
@@ -94,7 +95,7 @@ def test_quantized_routers_stay_full_precision(quant_dir, family: str, bits: int
 
 
 def test_quantization_note_says_experts_not_quantized(tiny_dir) -> None:
-    loaded = load(str(tiny_dir("mixtral")), load_in_4bit=True)
+    loaded = load(LoadOptions(str(tiny_dir("mixtral")), load_in_4bit=True))
     (note,) = loaded.notes
     assert "routed experts were NOT quantized" in note
     assert "routers kept in full precision" in note
@@ -114,4 +115,4 @@ def test_missing_bitsandbytes_is_one_sentence(monkeypatch: pytest.MonkeyPatch, t
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(UserError, match=r"pip install 'moe-inspect\[quant\]'"):
-        load(str(tiny_dir("mixtral")), load_in_4bit=True)
+        load(LoadOptions(str(tiny_dir("mixtral")), load_in_4bit=True))

@@ -1,9 +1,15 @@
-"""The `moe-inspect` command line: parses options, calls the library, renders. Nothing else."""
+"""The `moe-inspect` command line: parses options, calls the library, renders. Nothing else.
+
+Command modules import the library inside their functions, so `--help` and option errors stay instant.
+"""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from moe_inspect import __version__
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
 from moe_inspect.cli.info import INFO_EXAMPLES, info
 from moe_inspect.cli.route import ROUTE_EXAMPLES, route
@@ -18,8 +24,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"moe-inspect {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """See what the routers of a Mixture-of-Experts model do: per-token routes, expert load, model size."""
 
 
@@ -29,5 +46,5 @@ app.command(epilog=INFO_EXAMPLES)(info)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also `python -m moe_inspect`, which should not call itself 'python -m')."""
+    app(prog_name="moe-inspect")

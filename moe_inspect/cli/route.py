@@ -8,22 +8,10 @@ from typing import Annotated
 
 import typer
 
-from moe_inspect.cli.common import err, load_for_cli, out, user_errors
-from moe_inspect.cli.options import (
-    DeviceMapOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
-    LoadIn4bitOpt,
-    LoadIn8bitOpt,
-    ModelOpt,
-    RevisionOpt,
-    TrustRemoteCodeOpt,
-    parse_layers,
-)
+from moe_inspect.cli.common import Output, load_for_cli, out, save, user_errors
+from moe_inspect.cli.options import JsonOpt, QuietOpt, parse_layers, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.export import write_csv
-from moe_inspect.render.route import render_route
+from moe_inspect.options import LoadOptions
 
 ROUTE_EXAMPLES = """Examples:
 
@@ -38,9 +26,10 @@ ROUTE_EXAMPLES = """Examples:
 
 
 @user_errors
+@with_load_options()
 def route(
     prompt: Annotated[str, typer.Argument(help="Text to route; '-' reads it from standard input.")],
-    model: ModelOpt = None,
+    load: LoadOptions,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Decoder layers to show and export, e.g. '0,5-7'.")
     ] = None,
@@ -54,22 +43,22 @@ def route(
         float, typer.Option("--temperature", min=0.0, help="Sampling temperature for --generate; 0 is greedy.")
     ] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table (use with --csv).")] = False,
-    dtype: DtypeOpt = Dtype.auto,
-    device: DeviceOpt = "auto",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    device_map: DeviceMapOpt = None,
-    load_in_4bit: LoadIn4bitOpt = False,
-    load_in_8bit: LoadIn8bitOpt = False,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Show the token-to-expert table: for every token and MoE layer, the experts chosen and their weights.
     """
+    from moe_inspect.export import check_output, write_csv
+    from moe_inspect.render.route import render_route
+
+    output = Output(quiet, json_output)
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text.strip():
         raise UserError("The prompt is empty.")
     selected = parse_layers(layers)
-    insp = load_for_cli(model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit)
+    if csv is not None:
+        check_output(csv, "--csv")
+    insp = load_for_cli(load, output)
     if selected is not None:
         known = {spec.layer for spec in insp.loaded.routers}
         if not selected & known:
@@ -78,9 +67,11 @@ def route(
                 f"{', '.join(map(str, sorted(known)))}."
             )
     frame = insp.route(text, generate=generate, temperature=temperature, seed=seed, layers=selected)
-    if not quiet:
+    if json_output:
+        output.json({**frame.attrs, "rows": frame})
+    elif output.tables:
         render_route(frame, out)
     if csv is not None:
-        write_csv(frame, csv)
-        err.print(f"Wrote {len(frame)} rows to {csv}")
-
+        failure = save(lambda path: write_csv(frame, path), csv, "--csv", output)
+        if failure:
+            raise UserError(failure)

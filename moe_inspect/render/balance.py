@@ -16,6 +16,8 @@ from rich.table import Table
 from rich.text import Text
 
 from moe_inspect.balance import BalanceReport
+from moe_inspect.export import atomic_path
+from moe_inspect.schemas import router_label
 from moe_inspect.tables import drop_column
 
 # log2(share * E) buckets from cold to hot; the middle one is "about uniform".
@@ -62,7 +64,7 @@ def _cell(row: dict, key: str | None, fmt: str) -> Text:
         return Text(f"{row['experts']}/{row['top_k']}")
     value = row[key]
     if key == "layer":
-        return Text(f"{value}{'a' if row['router'] == 'attention' else ''}")
+        return Text(router_label(value, row["router"]))
     if isinstance(value, float) and math.isnan(value):
         return Text("–", style="dim")
     return Text(fmt.format(value), style="bold red" if key == "dead_experts" and value > 0 else "")
@@ -96,7 +98,7 @@ def heatmap(experts: pd.DataFrame, width: int) -> Group:
     for (layer, router), group in experts.groupby(["layer", "router"], sort=False):
         shares = group.sort_values("expert")["share"].to_numpy()
         ratios = shares * len(shares)
-        label = f"L{layer}{'a' if router == 'attention' else ''}"
+        label = f"L{router_label(layer, router)}"
         for start in range(0, len(ratios), per_line):
             line = Text(f"{label if start == 0 else '':>{label_width - 1}} ")
             for i, ratio in enumerate(ratios[start : start + per_line]):
@@ -130,9 +132,6 @@ def render_balance(report: BalanceReport, console: Console) -> None:
 
 def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """The same heatmap as a PNG (matplotlib, the `plot` extra), written atomically."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,20 +147,15 @@ def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") 
         grid[row, group["expert"].to_numpy()] = np.log2(np.clip(ratio, 1 / 64, None))
     fig, ax = plt.subplots(figsize=(min(4 + width * 0.08, 24), 1.5 + len(keys) * 0.25))
     image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0, vmin=-3, vmax=3))
-    ax.set_yticks(range(len(keys)), [f"{layer}{'a' if router == 'attention' else ''}" for layer, router in keys])
+    ax.set_yticks(range(len(keys)), [router_label(layer, router) for layer, router in keys])
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_title(title or "expert load relative to uniform (log2 share × E)")
     fig.colorbar(image, ax=ax, label="log2(share × E)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)

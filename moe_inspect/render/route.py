@@ -7,6 +7,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from moe_inspect.schemas import router_label
+
 # Distinct, readable colours; an expert keeps its colour in every cell so patterns stand out.
 PALETTE = (
     "bright_cyan", "bright_magenta", "bright_yellow", "bright_green", "bright_red", "bright_blue",
@@ -53,7 +55,7 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
             table.add_column("phase", style="dim")
         table.add_column("token", max_width=_TOKEN_WIDTH, no_wrap=True)
         for layer, router in chunk:
-            table.add_column(f"L{layer}" + ("a" if router == "attention" else ""), justify="right")
+            table.add_column(f"L{router_label(layer, router)}", justify="right")
         for row in tokens.itertuples(index=False):
             style = "italic green" if row.phase == "decode" else ""
             table.add_row(

@@ -1,0 +1,112 @@
+"""Bad input, tried as a new user would (issue 10): each case exits 2 with one sentence, no traceback, and
+leaves no file behind. Cases that must be refused before the model loads run with loading forbidden."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from moe_inspect.cli import app
+
+runner = CliRunner()
+cli_balance = importlib.import_module("moe_inspect.cli.balance")
+cli_route = importlib.import_module("moe_inspect.cli.route")
+TEXT = "def add(a, b):\n    return a + b\n" * 20
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_balance, "load_for_cli", refuse)
+    monkeypatch.setattr(cli_route, "load_for_cli", refuse)
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _one_sentence(result: Any, needle: str) -> str:
+    output = result.output + result.stderr
+    assert result.exit_code == 2, (output, result.exception)
+    assert "Traceback" not in output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: ") and lines[0].endswith("."), lines[0]
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# (name, args after the command, the words the sentence must contain); {d} is a folder, {f} a regular file
+OUTPUT_CASES = [
+    ("plot is a folder", ["balance", "{c}", "--plot", "{d}"], "is a folder; name a file"),
+    ("plot under a file", ["balance", "{c}", "--plot", "{f}/x.png"], "is a file, not a folder"),
+    ("out is a file", ["balance", "{c}", "--out", "{f}"], "is a file, not a folder"),
+    ("out under a file", ["balance", "{c}", "--out", "{f}/run"], "is a file, not a folder"),
+    ("csv is a folder", ["route", "hi", "--csv", "{d}"], "is a folder; name a file"),
+    ("csv under a file", ["route", "hi", "--csv", "{f}/deep/r.csv"], "cannot be created"),
+]
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(("name", "args", "needle"), OUTPUT_CASES, ids=[c[0] for c in OUTPUT_CASES])
+def test_unwritable_outputs_are_refused_before_the_model_loads(
+    name: str, args: list[str], needle: str, tmp_path: Path, tiny_dir: Any
+) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    before = _files(tmp_path)
+    values = {"{c}": str(corpus), "{d}": str(tmp_path / "folder"), "{f}": str(tmp_path / "file")}
+    argv = list(args)
+    for i in range(len(argv)):
+        for key, value in values.items():
+            argv[i] = argv[i].replace(key, value)
+    result = runner.invoke(app, [*argv, "-m", str(tiny_dir("mixtral"))])
+    _one_sentence(result, needle)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_read_only_output_folder_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_dir: Any) -> None:
+    """Root ignores permission bits, so a read-only file system is simulated where the probe creates its file."""
+    import moe_inspect.export
+
+    def read_only(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(moe_inspect.export.tempfile, "mkstemp", read_only)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    result = runner.invoke(app, ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--out", str(tmp_path / "o")])
+    _one_sentence(result, "Read-only file system")
+    assert not (tmp_path / "o").exists()
+
+
+def test_write_failing_at_the_end_saves_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_dir: Any
+) -> None:
+    from moe_inspect.balance import BalanceReport
+
+    real_write = BalanceReport.write
+    target = tmp_path / "o"
+
+    def disk_full(self: BalanceReport, out_dir: Any) -> Any:
+        if Path(out_dir) == target:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, out_dir)
+
+    monkeypatch.setattr(BalanceReport, "write", disk_full)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8", "-q", "--out", str(target)]
+    sentence = _one_sentence(runner.invoke(app, args), "No space left on device")
+    saved = Path(sentence.split("saved to ")[1].removesuffix(" instead."))
+    assert sorted(p.name for p in saved.iterdir()) == ["coactivation.csv", "experts.csv", "layers.csv", "run.json"]
