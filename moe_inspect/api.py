@@ -94,13 +94,13 @@ class Inspector:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
         info = {
-            "corpus": [f.describe() for f in reader.files],
             "seq_len": reader.seq_len,
             "batch_size": reader.batch_size,
             "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
         report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
+        report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
         if reader.mode != "lines":
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
