@@ -16,7 +16,7 @@ import torch
 from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
-from moe_inspect.export import write_csv, write_json
+from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
 
@@ -40,14 +40,17 @@ class BalanceReport:
         return bool(self.run.get("partial"))
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """layers.csv, experts.csv, coactivation.csv and run.json, each written atomically."""
-        out = Path(out_dir)
-        return [
-            write_csv(self.layers, out / "layers.csv"),
-            write_csv(self.experts, out / "experts.csv"),
-            write_csv(self.coactivation, out / "coactivation.csv"),
-            write_json(self.run, out / "run.json"),
-        ]
+        """layers.csv, experts.csv, coactivation.csv and run.json, swapped into ``out_dir`` as one set."""
+
+        def write_all(out: Path) -> list[Path]:
+            return [
+                write_csv(self.layers, out / "layers.csv"),
+                write_csv(self.experts, out / "experts.csv"),
+                write_csv(self.coactivation, out / "coactivation.csv"),
+                write_json(self.run, out / "run.json"),
+            ]
+
+        return replace_folder(out_dir, write_all)
 
 
 def package_versions() -> dict[str, str | None]:

@@ -36,3 +36,43 @@ def test_endless_stdin_is_streamed_and_stops_at_max_tokens(tmp_path: Path, tiny_
     assert run["tokens"] == 400
     assert 0 < run["corpus"][0]["bytes"] < 1 << 24  # read what was needed, not the endless rest
     assert list(scratch.iterdir()) == []
+
+
+def _report(tag: str) -> Any:
+    import pandas as pd
+
+    from moe_inspect.balance import BalanceReport
+
+    frame = pd.DataFrame({"run": [tag]})
+    return BalanceReport(layers=frame, experts=frame, coactivation=frame, run={"tag": tag})
+
+
+def _tags(folder: Path) -> set[str]:
+    """Which runs the files in ``folder`` come from."""
+    import pandas as pd
+
+    tags = {pd.read_csv(folder / name)["run"][0] for name in ("layers.csv", "experts.csv", "coactivation.csv")}
+    return tags | {json.loads((folder / "run.json").read_text())["tag"]}
+
+
+def test_a_reader_never_sees_files_of_two_runs(tmp_path: Path, monkeypatch: Any) -> None:
+    """While run B writes, the folder still holds all of run A; afterwards all of B; other files stay."""
+    import moe_inspect.balance
+
+    out = tmp_path / "out"
+    _report("A").write(out)
+    (out / "load.png").write_bytes(b"png")
+    seen: list[set[str]] = []
+    real = moe_inspect.balance.write_json
+
+    def watching(data: Any, path: Any) -> Any:
+        seen.append(_tags(out))  # B's CSVs are written by now; the reader must still see A alone
+        return real(data, path)
+
+    monkeypatch.setattr(moe_inspect.balance, "write_json", watching)
+    written = _report("B").write(out)
+    assert seen == [{"A"}]
+    assert _tags(out) == {"B"}
+    assert (out / "load.png").read_bytes() == b"png"
+    assert sorted(p.name for p in written) == ["coactivation.csv", "experts.csv", "layers.csv", "run.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
