@@ -76,3 +76,32 @@ def test_a_reader_never_sees_files_of_two_runs(tmp_path: Path, monkeypatch: Any)
     assert (out / "load.png").read_bytes() == b"png"
     assert sorted(p.name for p in written) == ["coactivation.csv", "experts.csv", "layers.csv", "run.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
+
+
+def test_output_files_honour_the_umask(tmp_path: Path, tiny_dir: Any) -> None:
+    """CSV, run.json, PNG and the route CSV are 0644 under umask 022, like files of any other tool."""
+    import stat
+
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 20)
+    model = str(tiny_dir("mixtral"))
+    previous = os.umask(0o022)
+    try:
+        runner = CliRunner()
+        result = runner.invoke(app, ["balance", str(corpus), "-m", model, "--seq-len", "8", "-q",
+                                     "--out", str(tmp_path / "out"), "--plot", str(tmp_path / "load.png")])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["route", "hello", "-m", model, "-q", "--csv", str(tmp_path / "r.csv")])
+        assert result.exit_code == 0, result.output
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*tmp_path.iterdir(), *(tmp_path / "out").iterdir()]}
+    modes.pop("c.txt")
+    assert modes == {
+        "out": 0o755, "load.png": 0o644, "r.csv": 0o644, "layers.csv": 0o644, "experts.csv": 0o644,
+        "coactivation.csv": 0o644, "run.json": 0o644,
+    }
