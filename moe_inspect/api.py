@@ -21,7 +21,7 @@ from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
 from moe_inspect.options import LoadOptions
-from moe_inspect.source import positions_limit
+from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
 from moe_inspect.tables import route_frame, routers_frame
 
 
@@ -46,7 +46,7 @@ class Inspector:
 
     def default_seq_len(self) -> int:
         """min(2048, the model's maximum positions)."""
-        return min(2048, positions_limit(self.model.config) or 2048)
+        return check_seq_len(None, positions_limit(self.model.config))
 
     def corpus(
         self,
@@ -73,7 +73,8 @@ class Inspector:
             raise UserError("Give texts or files to measure.")
         documents = bool(texts) and not pack and not lines
         return CorpusReader(
-            sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens, documents
+            sources, self.tokenizer, check_seq_len(seq_len, positions_limit(self.model.config)), batch_size, lines,
+            max_tokens, documents,
         )
 
     def balance(
@@ -124,8 +125,9 @@ class Inspector:
         encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
-            raise ValueError("the prompt tokenized to zero tokens")
+            raise UserError("The prompt tokenized to zero tokens.")
         prompt_len = int(input_ids.shape[1])
+        check_prompt_length(prompt_len, generate, positions_limit(self.model.config))
         with torch.inference_mode(), capture(self.loaded.routers) as cap:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)

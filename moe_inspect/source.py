@@ -176,6 +176,28 @@ def positions_limit(config: Any) -> int | None:
     return None
 
 
+def check_seq_len(seq_len: int | None, limit: int | None) -> int:
+    """The window length to use: min(2048, limit) by default; refuses one past the model's maximum positions."""
+    if seq_len is None:
+        return min(2048, limit or 2048)
+    if limit is not None and seq_len > limit:
+        raise UserError(
+            f"A `seq_len` of {seq_len:,} is past the model's maximum positions ({limit:,}); pass at most {limit:,}."
+        )
+    return seq_len
+
+
+def check_prompt_length(prompt_tokens: int, generate: int, limit: int | None) -> None:
+    """Refuse (rather than truncate) a prompt, plus the tokens to generate, longer than the model's positions."""
+    if limit is None or prompt_tokens + generate <= limit:
+        return
+    extra = f" plus {generate:,} to generate" if generate else ""
+    raise UserError(
+        f"The prompt has {prompt_tokens:,} tokens{extra}, more than the model's maximum positions ({limit:,}); "
+        "shorten it."
+    )
+
+
 def max_positions(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
     """The model's maximum positions, read from its config alone (before any weight loads)."""
     return positions_limit(load_config(model_id, revision, trust_remote_code))

@@ -110,3 +110,24 @@ def test_write_failing_at_the_end_saves_elsewhere(
     sentence = _one_sentence(runner.invoke(app, args), "No space left on device")
     saved = Path(sentence.split("saved to ")[1].removesuffix(" instead."))
     assert sorted(p.name for p in saved.iterdir()) == ["coactivation.csv", "experts.csv", "layers.csv", "run.json"]
+
+
+# ----------------------------------------------------------------------------------------- limits (item 5)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("seq_len", ["513", "2048", "100000"])
+def test_seq_len_past_the_model_limit_is_refused(seq_len: str, tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    result = runner.invoke(app, ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", seq_len])
+    sentence = _one_sentence(result, "maximum positions (512)")
+    assert "--seq-len" in sentence and "corpus" not in sentence
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(("words", "generate"), [(700, 0), (250, 20)])
+def test_route_prompt_past_the_model_limit_is_refused(words: int, generate: int, tiny_dir: Any) -> None:
+    args = ["route", "x " * words, "-m", str(tiny_dir("mixtral")), "--generate", str(generate)]
+    sentence = _one_sentence(runner.invoke(app, args), "more than the model's maximum positions (512)")
+    assert ("to generate" in sentence) == bool(generate)

@@ -54,7 +54,7 @@ def balance(
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
     from moe_inspect.render.balance import render_balance, write_heatmap_png
-    from moe_inspect.source import load_tokenizer, max_positions, resolve_model
+    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
     if plot is not None:
@@ -69,8 +69,7 @@ def balance(
     files = check_files(corpus)
     model_id, _ = resolve_model(load.model)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
-    if seq_len is None:
-        seq_len = min(2048, max_positions(model_id, load.revision, load.trust_remote_code) or 2048)
+    seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
     reader.check_long_enough()
     factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS

@@ -50,6 +50,7 @@ def route(
     """
     from moe_inspect.export import check_output, write_csv
     from moe_inspect.render.route import render_route
+    from moe_inspect.source import check_prompt_length, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
     text = sys.stdin.read() if prompt == "-" else prompt
@@ -58,7 +59,11 @@ def route(
     selected = parse_layers(layers)
     if csv is not None:
         check_output(csv, "--csv")
-    insp = load_for_cli(load, output)
+    model_id, _ = resolve_model(load.model)
+    tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
+    limit = max_positions(model_id, load.revision, load.trust_remote_code)
+    check_prompt_length(len(tokenizer(text)["input_ids"]), generate, limit)  # before the weights load
+    insp = load_for_cli(load, output, tokenizer)
     if selected is not None:
         known = {spec.layer for spec in insp.loaded.routers}
         if not selected & known:
