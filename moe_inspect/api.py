@@ -23,6 +23,7 @@ from moe_inspect.loading import load as load_model
 from moe_inspect.options import LoadOptions
 from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
 from moe_inspect.tables import route_frame, routers_frame
+from moe_inspect.units import layer_ranges
 
 
 class Inspector:
@@ -106,6 +107,16 @@ class Inspector:
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
 
+    def _check_layers(self, layers: Iterable[int]) -> set[int]:
+        """The selection, refused when empty or when it names a layer with no router."""
+        selected = set(layers)
+        known = {spec.layer for spec in self.loaded.routers}
+        unknown = selected - known
+        if not selected or unknown:
+            what = "selects no layer" if not selected else f"names layer(s) {layer_ranges(unknown)} with no router"
+            raise UserError(f"`layers` {what}; this model's MoE layers are {layer_ranges(known)}.")
+        return selected
+
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
 
@@ -122,6 +133,7 @@ class Inspector:
 
         ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``.
         """
+        selected = self._check_layers(layers) if layers is not None else None
         encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
@@ -137,8 +149,8 @@ class Inspector:
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
         frame = route_frame(self.loaded.routers, cap.calls, token_ids, self._token_strings(token_ids), phases)
-        if layers is not None:
-            frame = frame[frame["layer"].isin(set(layers))].reset_index(drop=True)
+        if selected is not None:
+            frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         frame.attrs.update(
             text=text,
             prompt_tokens=prompt_len,

@@ -131,3 +131,23 @@ def test_route_prompt_past_the_model_limit_is_refused(words: int, generate: int,
     args = ["route", "x " * words, "-m", str(tiny_dir("mixtral")), "--generate", str(generate)]
     sentence = _one_sentence(runner.invoke(app, args), "more than the model's maximum positions (512)")
     assert ("to generate" in sentence) == bool(generate)
+
+
+# ------------------------------------------------------------------------------------ --layers (item 6)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [("", "--layers is empty"), (" ", "--layers is empty"), ("3-1", "range 3-1 in --layers is reversed; write 1-3"),
+     ("a", "'a' in --layers is not a layer"), ("1,,2", "'' in --layers is not a layer")],
+)
+def test_bad_layer_selections_are_refused_before_loading(spec: str, needle: str, tiny_dir: Any) -> None:
+    _one_sentence(runner.invoke(app, ["route", "hi", "-m", str(tiny_dir("mixtral")), "--layers", spec]), needle)
+
+
+@pytest.mark.parametrize(("spec", "needle"), [("2,99", "layer(s) 99 with no router"), ("7-9", "7-9 with no router")])
+def test_unknown_layers_are_named(spec: str, needle: str, tiny_dir: Any) -> None:
+    result = runner.invoke(app, ["route", "hi", "-m", str(tiny_dir("mixtral")), "--layers", spec, "-q"])
+    sentence = _one_sentence(result, needle)
+    assert "MoE layers are 0-2" in sentence

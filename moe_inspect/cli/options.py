@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from moe_inspect.errors import UserError
 from moe_inspect.options import DTYPE_NAMES, LoadOptions
 
 MODEL_PANEL = "Model loading"
@@ -102,20 +103,18 @@ def with_load_options(prefix: str = "", dest: str = "load", panel: str = MODEL_P
 
 
 def parse_layers(spec: str | None) -> set[int] | None:
-    """'0,5-7' -> {0, 5, 6, 7}; None means every layer."""
-    if spec is None or not spec.strip():
+    """'0,5-7' -> {0, 5, 6, 7}; None (option not given) means every layer; an empty selection is refused."""
+    if spec is None:
         return None
+    if not spec.strip():
+        raise UserError("`layers` is empty; give layers like 0,5-7, or leave the option out for all layers.")
     layers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                if low > high:
-                    raise ValueError
-                layers.update(range(low, high + 1))
-            else:
-                layers.add(int(part))
-        except ValueError:
-            raise typer.BadParameter(f"'{part}' is not a layer or a range like 5-7.", param_hint="--layers") from None
+    for part in (p.strip() for p in spec.split(",")):
+        low, sep, high = part.partition("-")
+        if not (low.isdigit() and (not sep or high.isdigit())):
+            raise UserError(f"'{part}' in `layers` is not a layer or a range like 5-7.")
+        first, last = int(low), int(high) if sep else int(low)
+        if first > last:
+            raise UserError(f"The range {part} in `layers` is reversed; write {last}-{first}.")
+        layers.update(range(first, last + 1))
     return layers

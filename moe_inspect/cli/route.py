@@ -64,13 +64,6 @@ def route(
     limit = max_positions(model_id, load.revision, load.trust_remote_code)
     check_prompt_length(len(tokenizer(text)["input_ids"]), generate, limit)  # before the weights load
     insp = load_for_cli(load, output, tokenizer)
-    if selected is not None:
-        known = {spec.layer for spec in insp.loaded.routers}
-        if not selected & known:
-            raise UserError(
-                f"--layers {layers} matches no MoE layer; this model has MoE layers "
-                f"{', '.join(map(str, sorted(known)))}."
-            )
     frame = insp.route(text, generate=generate, temperature=temperature, seed=seed, layers=selected)
     if json_output:
         output.json({**frame.attrs, "rows": frame})
