@@ -16,6 +16,7 @@ import torch
 from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
+from moe_inspect.errors import UserError
 from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
@@ -53,6 +54,14 @@ class BalanceReport:
         return replace_folder(out_dir, write_all)
 
 
+def check_capacity_factors(factors: tuple[float, ...]) -> tuple[float, ...]:
+    """Capacity ceil(cf * T * k / E) is meaningless at cf <= 0 (every assignment dropped): refuse it."""
+    bad = [f for f in factors if not f > 0]  # also NaN
+    if bad:
+        raise UserError(f"A capacity factor must be positive, not {', '.join(f'{f:g}' for f in bad)}.")
+    return tuple(factors)
+
+
 def package_versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for name in _PACKAGES:
@@ -71,7 +80,7 @@ def run_balance(
     run_info: dict[str, Any] | None = None,
 ) -> BalanceReport:
     """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial)."""
-    accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+    accumulator = BalanceAccumulator(loaded.routers, check_capacity_factors(capacity_factors))
     device = loaded.input_device
     tokens = 0
     partial = False

@@ -151,3 +151,23 @@ def test_unknown_layers_are_named(spec: str, needle: str, tiny_dir: Any) -> None
     result = runner.invoke(app, ["route", "hi", "-m", str(tiny_dir("mixtral")), "--layers", spec, "-q"])
     sentence = _one_sentence(result, needle)
     assert "MoE layers are 0-2" in sentence
+
+
+# -------------------------------------------------------------------------------- capacity factor (item 7)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("factor", ["0", "-1", "nan"])
+def test_capacity_factor_must_be_positive(factor: str, tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8", "--capacity-factor", factor]
+    _one_sentence(runner.invoke(app, args), f"must be positive, not {factor}")
+
+
+def test_api_capacity_factor_must_be_positive(tiny_dir: Any) -> None:
+    import moe_inspect
+    from moe_inspect.errors import UserError
+
+    with pytest.raises(UserError, match="must be positive, not 0"):
+        moe_inspect.load(str(tiny_dir("mixtral"))).balance("x y z", capacity_factors=(1.0, 0.0))

@@ -40,7 +40,7 @@ def balance(
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
     capacity_factor: Annotated[
         list[float] | None,
-        typer.Option("--capacity-factor", help="Capacity factors for drop-rate what-ifs (repeatable).", min=0.0),
+        typer.Option("--capacity-factor", help="Capacity factors for drop-rate what-ifs (repeatable)."),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
@@ -50,7 +50,7 @@ def balance(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
-    from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS
+    from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, check_capacity_factors
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
     from moe_inspect.render.balance import render_balance, write_heatmap_png
@@ -72,7 +72,7 @@ def balance(
     seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
     reader.check_long_enough()
-    factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS
+    factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     insp = load_for_cli(load, output, tokenizer)
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(
