@@ -171,3 +171,30 @@ def test_api_capacity_factor_must_be_positive(tiny_dir: Any) -> None:
 
     with pytest.raises(UserError, match="must be positive, not 0"):
         moe_inspect.load(str(tiny_dir("mixtral"))).balance("x y z", capacity_factors=(1.0, 0.0))
+
+
+# ------------------------------------------------------------------------------------ plot format (item 8)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(("name", "needle"), [("x.txt", "extension .txt"), ("x", "no extension"), ("x.jpeg", ".jpeg")])
+def test_plot_extension_must_name_a_format(name: str, needle: str, tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    before = _files(tmp_path)
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--plot", str(tmp_path / name)]
+    _one_sentence(runner.invoke(app, args), needle)
+    assert _files(tmp_path) == before
+
+
+def test_plot_is_written_in_the_format_its_extension_names(tmp_path: Path, tiny_dir: Any) -> None:
+    pytest.importorskip("matplotlib")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8", "-q"]
+    for ext, head in magic.items():
+        plot = tmp_path / f"load.{ext}"
+        result = runner.invoke(app, [*args, "--plot", str(plot)])
+        assert result.exit_code == 0, result.output
+        assert plot.read_bytes().startswith(head), ext

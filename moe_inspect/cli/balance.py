@@ -45,7 +45,9 @@ def balance(
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
     ] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the load heatmap as a PNG (matplotlib).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write the load heatmap as .png, .pdf or .svg (matplotlib).")
+    ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -53,7 +55,7 @@ def balance(
     from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, check_capacity_factors
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
-    from moe_inspect.render.balance import render_balance, write_heatmap_png
+    from moe_inspect.render.balance import plot_format, render_balance, write_heatmap_png
     from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
@@ -66,6 +68,7 @@ def balance(
         check_output(out_dir, "--out", folder=True)
     if plot is not None:
         check_output(plot, "--plot")
+        plot_format(plot)
     files = check_files(corpus)
     model_id, _ = resolve_model(load.model)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)

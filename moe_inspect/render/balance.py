@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moe_inspect.balance import BalanceReport
+from moe_inspect.errors import UserError
 from moe_inspect.export import atomic_path
 from moe_inspect.schemas import router_label
 from moe_inspect.tables import drop_column
@@ -130,8 +131,23 @@ def render_balance(report: BalanceReport, console: Console) -> None:
     )
 
 
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_format(path: str | Path) -> str:
+    """The image format a plot path's extension names; other extensions are refused (no PNG in a .txt)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise UserError(
+            f"Plot {path} has {'no extension' if not suffix else f'the extension .{suffix}'}; "
+            f"name a {', '.join('.' + f for f in PLOT_FORMATS)} file."
+        )
+    return suffix
+
+
 def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """The same heatmap as a PNG (matplotlib, the `plot` extra), written atomically."""
+    """The same heatmap as PNG, PDF or SVG by the path's extension (matplotlib, the `plot` extra), atomically."""
+    fmt = plot_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +171,7 @@ def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") 
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+            fig.savefig(tmp, dpi=120, format=fmt)
     finally:
         plt.close(fig)
     return Path(path)
