@@ -198,3 +198,28 @@ def test_plot_is_written_in_the_format_its_extension_names(tmp_path: Path, tiny_
         result = runner.invoke(app, [*args, "--plot", str(plot)])
         assert result.exit_code == 0, result.output
         assert plot.read_bytes().startswith(head), ext
+
+
+# --------------------------------------------------------------------------------------- no network (item 9)
+
+
+@pytest.mark.parametrize("command", [["route", "hi", "-m"], ["balance", "-", "-m"], ["info"]])
+def test_hub_id_without_network_fails_fast(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not offline, not cached, and the Hub unreachable: one sentence at once instead of five retries."""
+    import time
+
+    import moe_inspect.source
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    moe_inspect.source.hub_reachable.cache_clear()
+    started = time.perf_counter()
+    result = runner.invoke(app, [*command, "someone/not-cached-moe"], input="some text\n")
+    moe_inspect.source.hub_reachable.cache_clear()
+    sentence = _one_sentence(result, "is not in the local Hugging Face cache and the Hub cannot be reached")
+    assert "HF_HUB_OFFLINE=1" in sentence
+    assert time.perf_counter() - started < 10
