@@ -105,3 +105,19 @@ def test_output_files_honour_the_umask(tmp_path: Path, tiny_dir: Any) -> None:
         "out": 0o755, "load.png": 0o644, "r.csv": 0o644, "layers.csv": 0o644, "experts.csv": 0o644,
         "coactivation.csv": 0o644, "run.json": 0o644,
     }
+
+
+def test_control_characters_are_escaped_in_the_table_but_exact_in_the_csv(tmp_path: Path, tiny_dir: Any) -> None:
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    prompt = "a\x1b[31mred\x00b"
+    csv = tmp_path / "r.csv"
+    result = CliRunner().invoke(app, ["route", "-", "-m", str(tiny_dir("mixtral")), "--csv", str(csv)], input=prompt)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x00" not in result.stdout
+    assert "\\x1b" in result.stdout and "\\x00" in result.stdout
+    tokens = "".join(pd.read_csv(csv, keep_default_na=False).drop_duplicates("position")["token"])
+    assert "\x1b" in tokens and "\x00" in tokens

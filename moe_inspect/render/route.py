@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -18,9 +20,16 @@ _CELL_WIDTH = 8
 _TOKEN_WIDTH = 14
 
 
+def escape_controls(text: str) -> str:
+    """Control characters and NUL as visible escapes (\\x1b, \\x00): raw, they recolour or misalign the table."""
+    return "".join(
+        f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" and ch not in "\n\t" else ch for ch in text
+    )
+
+
 def visible_token(token: str) -> str:
-    """Make whitespace visible so ' add' and 'add' read differently."""
-    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+    """Make whitespace and control characters visible so ' add' and 'add' read differently."""
+    return escape_controls(token).replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
 
 
 def _cell(group: pd.DataFrame) -> Text:
@@ -82,4 +91,4 @@ def render_route(frame: pd.DataFrame, console: Console) -> None:
         console.print(table)
     generated = frame.attrs.get("generated_text")
     if generated:
-        console.print(Text("generated: ", style="bold") + Text(generated, style="italic green"))
+        console.print(Text("generated: ", style="bold") + Text(escape_controls(generated), style="italic green"))
