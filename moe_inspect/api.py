@@ -23,6 +23,7 @@ from moe_inspect.loading import load as load_model
 from moe_inspect.options import LoadOptions
 from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
 from moe_inspect.tables import route_frame, routers_frame
+from moe_inspect.tokens import token_bytes
 from moe_inspect.units import layer_ranges
 
 
@@ -148,7 +149,9 @@ class Inspector:
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
-        frame = route_frame(self.loaded.routers, cap.calls, token_ids, self._token_strings(token_ids), phases)
+        strings = self._token_strings(token_ids)
+        raw = token_bytes(self.tokenizer, token_ids, strings)
+        frame = route_frame(self.loaded.routers, cap.calls, token_ids, strings, phases, raw)
         if selected is not None:
             frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         frame.attrs.update(

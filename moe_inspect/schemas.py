@@ -54,6 +54,7 @@ ROUTE = Schema(
         Column("router", "string", "'mlp', or 'attention' for JetMoE's mixture-of-attention router"),
         Column("phase", "string", "'prefill' for prompt tokens, 'decode' for generated tokens"),
         Column("expert_type", "string", "'routed', or the family's null expert kind ('zero', 'skip')"),
+        Column("token_bytes", "string", "the token's exact bytes in hex, e.g. '<E6 9D>' (tells partial UTF-8 apart)"),
     ),
 )
 

@@ -121,3 +121,31 @@ def test_control_characters_are_escaped_in_the_table_but_exact_in_the_csv(tmp_pa
     assert "\\x1b" in result.stdout and "\\x00" in result.stdout
     tokens = "".join(pd.read_csv(csv, keep_default_na=False).drop_duplicates("position")["token"])
     assert "\x1b" in tokens and "\x00" in tokens
+
+
+def test_partial_utf8_tokens_show_their_bytes(tmp_path: Path, tiny_dir: Any) -> None:
+    """Byte-level BPE splits CJK and emoji into byte tokens that all decode to U+FFFD; their bytes tell them apart."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    csv = tmp_path / "r.csv"
+    prompt = "林檎 🍎"
+    result = CliRunner().invoke(app, ["route", prompt, "-m", str(tiny_dir("mixtral")), "--csv", str(csv)])
+    assert result.exit_code == 0, result.output
+    assert "<E6>" in result.stdout and "<9E>" in result.stdout and "<F0>" in result.stdout
+    assert "\ufffd" not in result.stdout
+    frame = pd.read_csv(csv, keep_default_na=False).drop_duplicates("position")
+    raw = b"".join(bytes.fromhex(h.strip("<>")) for h in frame["token_bytes"])
+    assert raw == prompt.encode("utf-8")  # the tokens' bytes are exactly the prompt's
+    assert list(frame["token_bytes"][:3]) == ["<E6>", "<9E>", "<97>"]  # 林 = E6 9E 97, one byte per token
+
+
+def test_byte_fallback_pieces_give_their_byte() -> None:
+    from moe_inspect.tokens import _piece_bytes, byte_label
+
+    assert _piece_bytes("<0xE6>") == b"\xe6"
+    assert _piece_bytes("Ġthe") == b" the"
+    assert _piece_bytes("▁the") is None  # SentencePiece text piece: its decoded text is right
+    assert byte_label(b"\xe6\x9d") == "<E6 9D>" and byte_label("林".encode()) is None

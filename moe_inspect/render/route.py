@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moe_inspect.schemas import router_label
+from moe_inspect.tokens import byte_label, label_bytes
 
 # Distinct, readable colours; an expert keeps its colour in every cell so patterns stand out.
 PALETTE = (
@@ -51,7 +52,7 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
     labels = list(dict.fromkeys(zip(frame["layer"], frame["router"], strict=True)))
     per_table = max(1, (width - _TOKEN_WIDTH - 12) // (_CELL_WIDTH + 3))
     cells = {key: _cell(group) for key, group in frame.groupby(["position", "layer", "router"], sort=False)}
-    tokens = frame.drop_duplicates("position")[["position", "token", "phase"]]
+    tokens = frame.drop_duplicates("position")[["position", "token", "token_bytes", "phase"]]
     generated = bool((tokens["phase"] == "decode").any())  # a phase column only when there is a decode phase
     tables = []
     for start in range(0, len(labels), per_table):
@@ -70,7 +71,7 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
             table.add_row(
                 str(row.position),
                 *([Text("gen" if row.phase == "decode" else "prompt")] if generated else []),
-                Text(visible_token(row.token), style=style),
+                Text(byte_label(label_bytes(row.token_bytes)) or visible_token(row.token), style=style),
                 *[cells.get((row.position, layer, router), Text("")) for layer, router in chunk],
             )
         tables.append(table)
