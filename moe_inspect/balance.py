@@ -19,9 +19,9 @@ from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
 from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
 
-DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 _PACKAGES = ("moe-inspect", "torch", "transformers", "accelerate", "tokenizers", "bitsandbytes", "pandas")
 
 Progress = Callable[[Batch], None]

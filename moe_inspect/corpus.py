@@ -161,7 +161,8 @@ def check_file(name: str) -> CorpusFile:
     path = Path(name).expanduser()
     label = f"'{name}'"
     if not path.exists():
-        raise UserError(f"Corpus file {label} does not exist.")
+        hint = "; flags take no value" if name.lower() in {"true", "false", "yes", "no", "on", "off"} else ""
+        raise UserError(f"Corpus file {label} does not exist{hint}.")
     if path.is_dir():
         raise UserError(f"Corpus file {label} is a directory; pass text files.")
     check = _Validator(label)

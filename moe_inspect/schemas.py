@@ -10,6 +10,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+# The capacity factors whose drop rates the layers table holds unless others are asked for.
+DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
+
 
 @dataclass(frozen=True)
 class Column:

@@ -223,3 +223,23 @@ def test_hub_id_without_network_fails_fast(
     sentence = _one_sentence(result, "is not in the local Hugging Face cache and the Hub cannot be reached")
     assert "HF_HUB_OFFLINE=1" in sentence
     assert time.perf_counter() - started < 10
+
+
+# ----------------------------------------------------------------------------------------- help (item 12)
+
+
+@pytest.mark.parametrize("command", [[], ["route"], ["balance"], ["info"]])
+def test_help_shows_flags_without_values_and_defaults(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.stdout
+    if command == ["balance"]:
+        assert "[default: (1, 1.25, 2)]" in result.stdout  # --capacity-factor's default
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_value_after_a_flag_is_named_as_such(tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    result = runner.invoke(app, ["balance", str(corpus), "--lines", "true", "-m", str(tiny_dir("mixtral"))])
+    _one_sentence(result, "Corpus file 'true' does not exist; flags take no value.")

@@ -9,9 +9,10 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
-from moe_inspect.cli.options import JsonOpt, QuietOpt, with_load_options
+from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, with_load_options
 from moe_inspect.errors import UserError
 from moe_inspect.options import LoadOptions
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 
 BALANCE_EXAMPLES = """Examples:
 
@@ -35,12 +36,16 @@ def balance(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 4,
     lines: Annotated[
-        bool, typer.Option("--lines", help="Each non-empty line is its own sequence (padded batches).")
+        bool, flag("--lines", help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
     capacity_factor: Annotated[
         list[float] | None,
-        typer.Option("--capacity-factor", help="Capacity factors for drop-rate what-ifs (repeatable)."),
+        typer.Option(
+            "--capacity-factor",
+            help="Capacity factor for the drop-rate what-ifs; repeat it for several.",
+            show_default=", ".join(f"{f:g}" for f in DEFAULT_CAPACITY_FACTORS),
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
@@ -52,7 +57,7 @@ def balance(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
-    from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, check_capacity_factors
+    from moe_inspect.balance import check_capacity_factors
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
     from moe_inspect.render.balance import plot_format, render_balance, write_heatmap_png

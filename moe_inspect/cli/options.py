@@ -24,13 +24,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 Dtype = Enum("Dtype", {name: name for name in DTYPE_NAMES}, type=str)  # type: ignore[misc]
 
+
+
+def flag(*decls: str, **kwargs: Any) -> Any:
+    """A boolean option that takes no value: no '<bool>' in --help, which had users write '--lines true'."""
+    return typer.Option(*decls, metavar="", **kwargs)
+
+
 QuietOpt = Annotated[
-    bool,
-    typer.Option("--quiet", "-q", help="Print no status lines, progress or tables; errors, --json and files only."),
+    bool, flag("--quiet", "-q", help="Print no status lines, progress or tables; errors, --json and files only.")
 ]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print the tables as one JSON document on stdout (for scripts).")
-]
+JsonOpt = Annotated[bool, flag("--json", help="Print the tables as one JSON document on stdout (for scripts).")]
 
 # (field, flag without "--", short flag, type, help); the flag and the field are both prefixed.
 _LOAD_FIELDS: tuple[tuple[str, str, str | None, Any, str], ...] = (
@@ -54,11 +58,12 @@ _LOAD_FIELDS: tuple[tuple[str, str, str | None, Any, str], ...] = (
 
 def _load_option(name: str, prefix: str = "", panel: str = MODEL_PANEL) -> Any:
     """One loading option as an Annotated type, its flag prefixed (``--against-model``)."""
-    _, flag, short, kind, help_text = next(f for f in _LOAD_FIELDS if f[0] == name)
-    decls = [f"--{prefix}{flag}"] + ([short] if short and not prefix else [])
+    _, flag_name, short, kind, help_text = next(f for f in _LOAD_FIELDS if f[0] == name)
+    decls = [f"--{prefix}{flag_name}"] + ([short] if short and not prefix else [])
     default = getattr(LoadOptions(), name)
+    option = flag if kind is bool else typer.Option
     return Annotated[
-        kind, typer.Option(*decls, rich_help_panel=panel, help=help_text, show_default=default not in (None, False))
+        kind, option(*decls, rich_help_panel=panel, help=help_text, show_default=default not in (None, False))
     ]
 
 
