@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = "from moe_inspect.cli import main; main()"
 
@@ -149,3 +151,76 @@ def test_byte_fallback_pieces_give_their_byte() -> None:
     assert _piece_bytes("Ġthe") == b" the"
     assert _piece_bytes("▁the") is None  # SentencePiece text piece: its decoded text is right
     assert byte_label(b"\xe6\x9d") == "<E6 9D>" and byte_label("林".encode()) is None
+
+
+def _experts(layers: int = 2, experts: int = 8) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    ratios = [0.1, 0.3, 0.6, 1.0, 1.5, 3.0, 6.0, 0.0]  # one expert in each bucket, and a dead one
+    for layer in range(layers):
+        shares = np.array(ratios[:experts]) / experts
+        rows += [{"layer": layer, "router": "mlp", "expert": e, "share": s} for e, s in enumerate(shares)]
+    return pd.DataFrame(rows)
+
+
+def test_heatmap_legend_colours_are_distinct_in_16_colours_and_glyphs_without_colour() -> None:
+    import re
+
+    from rich.console import Console
+
+    from moe_inspect.render.balance import heatmap
+
+    standard = Console(color_system="standard", width=100, record=True, force_terminal=True)
+    standard.print(heatmap(_experts(), 100, standard.color_system))
+    legend = standard.export_text(styles=True).splitlines()[-1]
+    codes = re.findall(r"\x1b\[([0-9;]+)m█", legend)
+    assert len(codes) == 7 and len(set(codes)) == 7, codes  # seven buckets, seven colours
+
+    plain = Console(color_system=None, width=100, record=True)
+    plain.print(heatmap(_experts(), 100, plain.color_system))
+    text = plain.export_text()
+    row = next(line for line in text.splitlines() if line.strip().startswith("L0"))
+    assert row.replace(" ", "") == "L0_-:=+*#·"  # one glyph per bucket, then the dead expert
+    assert "█" not in text
+
+
+def test_piped_balance_prints_glyphs(tmp_path: Path, tiny_dir: Any) -> None:
+    """Through a pipe (no colour) the heatmap cells are glyphs, not identical blocks."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 20)
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN, "balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8"],
+        capture_output=True, text=True, env=_env(tmp_path), timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "█" not in proc.stdout and "legend: _ < 1/4×" in proc.stdout
+
+
+def test_heatmap_figure_title_is_never_cut_off() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from moe_inspect.render.balance import heatmap_figure
+
+    title = "/very/long/path/to/a/checkpoint/" * 6 + ": expert load / uniform (log2)"
+    fig = heatmap_figure(_experts(), title)
+    try:
+        fig.canvas.draw()
+        box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+        assert "\n" in fig._suptitle.get_text()  # wrapped, not cut
+    finally:
+        plt.close(fig)
+
+
+def test_route_title_names_the_selected_layers(tiny_dir: Any) -> None:
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    args = ["route", "hi", "-m", str(tiny_dir("mixtral")), "--layers", "0,2"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    assert "layers 0, 2" in result.stdout and "layers 0-2" not in result.stdout

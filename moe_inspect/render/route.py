@@ -11,6 +11,7 @@ from rich.text import Text
 
 from moe_inspect.schemas import router_label
 from moe_inspect.tokens import byte_label, label_bytes
+from moe_inspect.units import layer_ranges
 
 # Distinct, readable colours; an expert keeps its colour in every cell so patterns stand out.
 PALETTE = (
@@ -57,8 +58,8 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
     tables = []
     for start in range(0, len(labels), per_table):
         chunk = labels[start : start + per_table]
-        first, last = chunk[0][0], chunk[-1][0]
-        title = f"layer {first}" if len(chunk) == 1 else f"layers {first}-{last}"
+        chunk_layers = sorted({layer for layer, _ in chunk})
+        title = f"layer{'s' if len(chunk_layers) > 1 else ''} {layer_ranges(chunk_layers)}"
         table = Table(title=title, header_style="bold", show_lines=separate_tokens, pad_edge=False)
         table.add_column("pos", justify="right", style="dim")
         if generated:
