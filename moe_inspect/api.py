@@ -179,11 +179,11 @@ class Inspector:
         )
         sequence = out.sequences
         if sequence.shape[1] > input_ids.shape[1]:
+            # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
+            new_name = "cache" in getattr(out, "__dataclass_fields__", {})
+            cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
             self.model(
-                input_ids=sequence[:, -1:],
-                attention_mask=torch.ones_like(sequence),
-                past_key_values=out.past_key_values,
-                use_cache=True,
+                input_ids=sequence[:, -1:], attention_mask=torch.ones_like(sequence), use_cache=True, **cache
             )
         return sequence[0]
 

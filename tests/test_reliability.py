@@ -224,3 +224,20 @@ def test_route_title_names_the_selected_layers(tiny_dir: Any) -> None:
     result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     assert "layers 0, 2" in result.stdout and "layers 0-2" not in result.stdout
+
+
+def test_generate_prints_no_deprecation_warning_and_one_phase_vocabulary(tmp_path: Path, tiny_dir: Any) -> None:
+    import pandas as pd
+
+    csv = tmp_path / "r.csv"
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-c", MAIN, "route", "hello", "-m", str(tiny_dir("mixtral")),
+         "--generate", "3", "--csv", str(csv)],
+        capture_output=True, text=True, env={**_env(tmp_path), "COLUMNS": "120"}, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "deprecated" not in proc.stderr and "site-packages" not in proc.stderr, proc.stderr
+    phases = set(pd.read_csv(csv, keep_default_na=False)["phase"])
+    assert phases == {"prefill", "decode"}
+    assert "decode" in proc.stdout and "prefill" in proc.stdout
+    assert " gen " not in proc.stdout and " prompt " not in proc.stdout

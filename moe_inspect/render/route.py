@@ -71,7 +71,7 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
             style = "italic green" if row.phase == "decode" else ""
             table.add_row(
                 str(row.position),
-                *([Text("gen" if row.phase == "decode" else "prompt")] if generated else []),
+                *([Text(row.phase)] if generated else []),
                 Text(byte_label(label_bytes(row.token_bytes)) or visible_token(row.token), style=style),
                 *[cells.get((row.position, layer, router), Text("")) for layer, router in chunk],
             )
