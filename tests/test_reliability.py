@@ -241,3 +241,30 @@ def test_generate_prints_no_deprecation_warning_and_one_phase_vocabulary(tmp_pat
     assert phases == {"prefill", "decode"}
     assert "decode" in proc.stdout and "prefill" in proc.stdout
     assert " gen " not in proc.stdout and " prompt " not in proc.stdout
+
+
+def test_route_from_stdin_drops_one_trailing_newline(tmp_path: Path, tiny_dir: Any) -> None:
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    csv = tmp_path / "r.csv"
+    args = ["route", "-", "-m", str(tiny_dir("mixtral")), "--csv", str(csv), "-q"]
+    for text, kept in [("a b\n", "a b"), ("a b\n\n", "a b\n"), ("a b", "a b"), ("a b\r\n", "a b")]:
+        assert CliRunner().invoke(app, args, input=text).exit_code == 0
+        tokens = pd.read_csv(csv, keep_default_na=False).drop_duplicates("position")["token"]
+        assert "".join(tokens).removeprefix("<s>") == kept, text
+
+
+def test_a_closed_pipe_ends_quietly_with_success(tmp_path: Path, tiny_dir: Any) -> None:
+    """`moe-inspect route ... | head`: head exits, the write fails with EPIPE; exit 0 and nothing on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MAIN, "route", "hello world", "-m", str(tiny_dir("mixtral")), "-q", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "Broken pipe" not in stderr, stderr

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import traceback
 import warnings
@@ -44,12 +45,18 @@ def debug() -> bool:
 
 
 def user_errors(func: F) -> F:
-    """One sentence on stderr and exit code 2 for errors the user caused; bugs still raise."""
+    """One sentence on stderr and exit code 2 for errors the user caused; bugs still raise; a closed pipe is
+    a quiet success."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:
+            # `| head` closed the pipe: stop quietly with success, as Unix tools do, and keep the interpreter's
+            # final flush from complaining about the closed stdout.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except UserError as exc:
             if debug():
                 traceback.print_exc()

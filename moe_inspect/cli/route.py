@@ -25,10 +25,21 @@ ROUTE_EXAMPLES = """Examples:
 """
 
 
+def _strip_one_newline(text: str) -> str:
+    """`echo hi | moe-inspect route -` should route 'hi', not 'hi' and a newline token."""
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[: -len(end)]
+    return text
+
+
 @user_errors
 @with_load_options()
 def route(
-    prompt: Annotated[str, typer.Argument(help="Text to route; '-' reads it from standard input.")],
+    prompt: Annotated[
+        str,
+        typer.Argument(help="Text to route; '-' reads it from standard input, less one trailing newline (echo's)."),
+    ],
     load: LoadOptions,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Decoder layers to show and export, e.g. '0,5-7'.")
@@ -53,7 +64,7 @@ def route(
     from moe_inspect.source import check_prompt_length, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = _strip_one_newline(sys.stdin.read()) if prompt == "-" else prompt
     if not text.strip():
         raise UserError("The prompt is empty.")
     selected = parse_layers(layers)
