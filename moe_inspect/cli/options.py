@@ -25,7 +25,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 Dtype = Enum("Dtype", {name: name for name in DTYPE_NAMES}, type=str)  # type: ignore[misc]
 
 
-
 def flag(*decls: str, **kwargs: Any) -> Any:
     """A boolean option that takes no value: no '<bool>' in --help, which had users write '--lines true'."""
     return typer.Option(*decls, metavar="", **kwargs)
@@ -36,30 +35,30 @@ QuietOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, flag("--json", help="Print the tables as one JSON document on stdout (for scripts).")]
 
-# (field, flag without "--", short flag, type, help); the flag and the field are both prefixed.
-_LOAD_FIELDS: tuple[tuple[str, str, str | None, Any, str], ...] = (
+# (LoadOptions field, short flag, type, help); the flag is the field with dashes, both get the prefix.
+_LOAD_FIELDS: tuple[tuple[str, str | None, Any, str], ...] = (
     (
-        "model", "model", "-m", str | None,
+        "model", "-m", str | None,
         "Hub id (e.g. mistralai/Mixtral-8x7B-v0.1) or local folder. Default: $MOE_INSPECT_MODEL, "
         "else the small demo model shipped with moe-inspect.",
     ),
-    ("dtype", "dtype", None, Dtype, "Weight dtype; auto keeps the checkpoint's."),
-    ("device", "device", None, str, "auto, cpu, cuda or cuda:N; auto picks cuda when available."),
-    ("revision", "revision", None, str | None, "Git revision (branch, tag or commit) on the Hub."),
-    ("trust_remote_code", "trust-remote-code", None, bool, "Allow the model's own Python code from the Hub to run."),
+    ("dtype", None, Dtype, "Weight dtype; auto keeps the checkpoint's."),
+    ("device", None, str, "auto, cpu, cuda or cuda:N; auto picks cuda when available."),
+    ("revision", None, str | None, "Git revision (branch, tag or commit) on the Hub."),
+    ("trust_remote_code", None, bool, "Allow the model's own Python code from the Hub to run."),
     (
-        "device_map", "device-map", None, str | None,
+        "device_map", None, str | None,
         "accelerate device map, e.g. 'auto' to spread a model over GPUs with CPU offload.",
     ),
-    ("load_in_4bit", "load-in-4bit", None, bool, "Quantize with bitsandbytes nf4 (routers stay full precision)."),
-    ("load_in_8bit", "load-in-8bit", None, bool, "Quantize with bitsandbytes int8 (routers stay full precision)."),
+    ("load_in_4bit", None, bool, "Quantize with bitsandbytes nf4 (routers stay full precision)."),
+    ("load_in_8bit", None, bool, "Quantize with bitsandbytes int8 (routers stay full precision)."),
 )
 
 
 def _load_option(name: str, prefix: str = "", panel: str = MODEL_PANEL) -> Any:
     """One loading option as an Annotated type, its flag prefixed (``--against-model``)."""
-    _, flag_name, short, kind, help_text = next(f for f in _LOAD_FIELDS if f[0] == name)
-    decls = [f"--{prefix}{flag_name}"] + ([short] if short and not prefix else [])
+    _, short, kind, help_text = next(f for f in _LOAD_FIELDS if f[0] == name)
+    decls = [f"--{prefix}{name.replace('_', '-')}"] + ([short] if short and not prefix else [])
     default = getattr(LoadOptions(), name)
     option = flag if kind is bool else typer.Option
     return Annotated[
@@ -81,7 +80,7 @@ def load_option_parameters(prefix: str = "", panel: str = MODEL_PANEL) -> list[i
             annotation=_load_option(name, prefix, panel),
             default=Dtype(getattr(defaults, name)) if kind is Dtype else getattr(defaults, name),
         )
-        for name, _, _, kind, _ in _LOAD_FIELDS
+        for name, _, kind, _ in _LOAD_FIELDS
     ]
 
 
