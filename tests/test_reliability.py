@@ -268,3 +268,24 @@ def test_a_closed_pipe_ends_quietly_with_success(tmp_path: Path, tiny_dir: Any) 
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr and "Broken pipe" not in stderr, stderr
+
+
+def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path: Path) -> None:
+    """SIGTERM in the middle of writing --out: the old folder stays whole and no staging folder is left."""
+    code = f"""
+import os, signal, sys
+from pathlib import Path
+from moe_inspect.cli.common import exit_cleanly_on_sigterm
+from moe_inspect.export import replace_folder, write_csv
+import pandas as pd
+exit_cleanly_on_sigterm()
+def write(folder):
+    path = write_csv(pd.DataFrame({{"a": [1]}}), folder / "layers.csv")
+    os.kill(os.getpid(), signal.SIGTERM)
+    return [path]
+replace_folder(Path({str(tmp_path / "out")!r}), write)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(tmp_path),
+                          timeout=120, check=False)
+    assert proc.returncode == 143, proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from moe_inspect import __version__
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
+from moe_inspect.cli.common import exit_cleanly_on_sigterm
 from moe_inspect.cli.info import INFO_EXAMPLES, info
 from moe_inspect.cli.options import flag
 from moe_inspect.cli.route import ROUTE_EXAMPLES, route
@@ -69,4 +70,5 @@ app.command(epilog=INFO_EXAMPLES, cls=_Command)(info)
 
 def main() -> None:
     """Console-script entry point (also `python -m moe_inspect`, which should not call itself 'python -m')."""
+    exit_cleanly_on_sigterm()
     app(prog_name="moe-inspect")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import traceback
@@ -42,6 +43,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 def debug() -> bool:
     """MOE_INSPECT_DEBUG=1: user errors show their traceback too (for bug reports)."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM becomes SystemExit(143), so cleanup code runs: no temporary file or staging folder is left."""
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def user_errors(func: F) -> F:
