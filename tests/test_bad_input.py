@@ -120,9 +120,10 @@ def test_write_failing_at_the_end_saves_elsewhere(
 def test_seq_len_past_the_model_limit_is_refused(seq_len: str, tmp_path: Path, tiny_dir: Any) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
-    result = runner.invoke(app, ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", seq_len])
-    sentence = _one_sentence(result, "maximum positions (512)")
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", seq_len, "--out", str(tmp_path / "o")]
+    sentence = _one_sentence(runner.invoke(app, args), "maximum positions (512)")
     assert "--seq-len" in sentence and "corpus" not in sentence
+    assert _files(tmp_path) == {"c.txt"}
 
 
 @pytest.mark.usefixtures("no_model_load")
@@ -161,8 +162,10 @@ def test_unknown_layers_are_named(spec: str, needle: str, tiny_dir: Any) -> None
 def test_capacity_factor_must_be_positive(factor: str, tmp_path: Path, tiny_dir: Any) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
-    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8", "--capacity-factor", factor]
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8", "--capacity-factor", factor,
+            "--out", str(tmp_path / "o"), "--plot", str(tmp_path / "p.png")]
     _one_sentence(runner.invoke(app, args), f"must be positive, not {factor}")
+    assert _files(tmp_path) == {"c.txt"}
 
 
 def test_api_capacity_factor_must_be_positive(tiny_dir: Any) -> None:
