@@ -107,6 +107,8 @@ def replace_folder(target: str | Path, write: Callable[[Path], list[Path]]) -> l
     writing at the same time. Other files already in ``target`` (a plot, notes) are carried over.
     """
     target = Path(target)
+    if target.is_symlink():  # swap the folder it points to, keep the user's link
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

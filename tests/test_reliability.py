@@ -289,3 +289,13 @@ replace_folder(Path({str(tmp_path / "out")!r}), write)
                           timeout=120, check=False)
     assert proc.returncode == 143, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_through_a_symlink_keeps_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    _report("A").write(real)
+    link.symlink_to(real, target_is_directory=True)
+    _report("B").write(link)
+    assert link.is_symlink() and _tags(link) == {"B"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
