@@ -21,8 +21,10 @@ from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
 from moe_inspect.options import LoadOptions
-from moe_inspect.source import positions_limit
+from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
 from moe_inspect.tables import route_frame, routers_frame
+from moe_inspect.tokens import token_bytes
+from moe_inspect.units import layer_ranges
 
 
 class Inspector:
@@ -46,7 +48,7 @@ class Inspector:
 
     def default_seq_len(self) -> int:
         """min(2048, the model's maximum positions)."""
-        return min(2048, positions_limit(self.model.config) or 2048)
+        return check_seq_len(None, positions_limit(self.model.config))
 
     def corpus(
         self,
@@ -73,7 +75,8 @@ class Inspector:
             raise UserError("Give texts or files to measure.")
         documents = bool(texts) and not pack and not lines
         return CorpusReader(
-            sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens, documents
+            sources, self.tokenizer, check_seq_len(seq_len, positions_limit(self.model.config)), batch_size, lines,
+            max_tokens, documents,
         )
 
     def balance(
@@ -94,16 +97,26 @@ class Inspector:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
         info = {
-            "corpus": [f.describe() for f in reader.files],
             "seq_len": reader.seq_len,
             "batch_size": reader.batch_size,
             "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
         report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
+        report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
         if reader.mode != "lines":
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
+
+    def _check_layers(self, layers: Iterable[int]) -> set[int]:
+        """The selection, refused when empty or when it names a layer with no router."""
+        selected = set(layers)
+        known = {spec.layer for spec in self.loaded.routers}
+        unknown = selected - known
+        if not selected or unknown:
+            what = "selects no layer" if not selected else f"names layer(s) {layer_ranges(unknown)} with no router"
+            raise UserError(f"`layers` {what}; this model's MoE layers are {layer_ranges(known)}.")
+        return selected
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
@@ -121,11 +134,13 @@ class Inspector:
 
         ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``.
         """
+        selected = self._check_layers(layers) if layers is not None else None
         encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
-            raise ValueError("the prompt tokenized to zero tokens")
+            raise UserError("The prompt tokenized to zero tokens.")
         prompt_len = int(input_ids.shape[1])
+        check_prompt_length(prompt_len, generate, positions_limit(self.model.config))
         with torch.inference_mode(), capture(self.loaded.routers) as cap:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
@@ -134,9 +149,11 @@ class Inspector:
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
-        frame = route_frame(self.loaded.routers, cap.calls, token_ids, self._token_strings(token_ids), phases)
-        if layers is not None:
-            frame = frame[frame["layer"].isin(set(layers))].reset_index(drop=True)
+        strings = self._token_strings(token_ids)
+        raw = token_bytes(self.tokenizer, token_ids, strings)
+        frame = route_frame(self.loaded.routers, cap.calls, token_ids, strings, phases, raw)
+        if selected is not None:
+            frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         frame.attrs.update(
             text=text,
             prompt_tokens=prompt_len,
@@ -162,11 +179,11 @@ class Inspector:
         )
         sequence = out.sequences
         if sequence.shape[1] > input_ids.shape[1]:
+            # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
+            new_name = "cache" in getattr(out, "__dataclass_fields__", {})
+            cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
             self.model(
-                input_ids=sequence[:, -1:],
-                attention_mask=torch.ones_like(sequence),
-                past_key_values=out.past_key_values,
-                use_cache=True,
+                input_ids=sequence[:, -1:], attention_mask=torch.ones_like(sequence), use_cache=True, **cache
             )
         return sequence[0]
 

@@ -6,9 +6,12 @@ be written is refused before a model loads, not after an hour of routing.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +23,12 @@ import pandas as pd
 from moe_inspect.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` only if the block succeeds."""
@@ -29,6 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask like any other tool (0644)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -50,7 +60,7 @@ def check_output(path: str | Path, label: str, folder: bool = False) -> Path:
     if path.exists() and path.is_dir() != folder:
         kind = "is a folder; name a file" if path.is_dir() else "is a file, not a folder"
         raise UserError(f"{label} {path} {kind}.")
-    existing = _nearest_existing(path if folder else path.parent)
+    existing = _nearest_existing(path.parent)  # a folder output is written beside itself, then swapped in
     if not existing.is_dir():
         raise UserError(f"{label} {path} cannot be created: {existing} is a file, not a folder.")
     try:
@@ -69,6 +79,61 @@ def _atomic(path: Path, write: Callable[[IO[str]], None]) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     return Path(path)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders at once (Linux renameat2 RENAME_EXCHANGE); elsewhere by three renames."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code), str(b))
+    parked = a.with_name(a.name + ".old")
+    os.rename(b, parked)
+    os.rename(a, b)
+    os.rename(parked, a)
+
+
+def replace_folder(target: str | Path, write: Callable[[Path], list[Path]]) -> list[Path]:
+    """Write a set of files as one unit: into a folder beside ``target``, then swapped in at once.
+
+    A reader of ``target`` sees the whole set of the previous run or of this one, never a mix of two runs
+    writing at the same time. Other files already in ``target`` (a plot, notes) are carried over.
+    """
+    target = Path(target)
+    if target.is_symlink():  # swap the folder it points to, keep the user's link
+        target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder is meant to be shared like any
+        names = {p.name for p in write(staging)}
+        if not target.is_dir():
+            try:
+                os.rename(staging, target)
+                return [target / name for name in sorted(names)]
+            except OSError as exc:  # another run created it meanwhile: swap with that one
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        for other in target.iterdir():
+            if other.name in names:
+                continue
+            if other.is_dir() and not other.is_symlink():
+                shutil.copytree(other, staging / other.name, copy_function=os.link)
+            else:
+                os.link(other, staging / other.name, follow_symlinks=False)
+        _exchange(staging, target)
+        shutil.rmtree(staging)  # now the previous run's folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [target / name for name in sorted(names)]
 
 
 def json_ready(data: Any) -> Any:

@@ -172,7 +172,7 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         raise UserError(f"The `dtype` must be one of {', '.join(DTYPES)}, not '{options.dtype}'.")
     if options.load_in_4bit and options.load_in_8bit:
         raise UserError("Choose one of `load_in_4bit` and `load_in_8bit`.")
-    check_source(model_id)
+    check_source(model_id, revision=options.revision)
     resolved_device = resolve_device(options.device)
     kwargs: dict[str, Any] = {
         "revision": options.revision, "trust_remote_code": options.trust_remote_code, "dtype": DTYPES[options.dtype]

@@ -10,6 +10,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+# The capacity factors whose drop rates the layers table holds unless others are asked for.
+DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
+
 
 @dataclass(frozen=True)
 class Column:
@@ -54,6 +57,7 @@ ROUTE = Schema(
         Column("router", "string", "'mlp', or 'attention' for JetMoE's mixture-of-attention router"),
         Column("phase", "string", "'prefill' for prompt tokens, 'decode' for generated tokens"),
         Column("expert_type", "string", "'routed', or the family's null expert kind ('zero', 'skip')"),
+        Column("token_bytes", "string", "the token's exact bytes in hex, e.g. '<E6 9D>' (tells partial UTF-8 apart)"),
     ),
 )
 

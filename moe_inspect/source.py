@@ -8,10 +8,13 @@ Weights are never read here (that is ``loading``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from moe_inspect.errors import UserError
 
@@ -62,10 +65,42 @@ def first_line(exc: BaseException) -> str:
     return text.rstrip(".")
 
 
-def check_source(model: str, config_file_ok: bool = False) -> Path | None:
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub ($HF_ENDPOINT) opens within ``timeout`` seconds (asked once)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_hub(model: str, revision: str | None) -> None:
+    """A Hub id with no network: refuse at once if it is not cached, else read the cache without retries.
+
+    Without this, huggingface_hub retries five times (about 30 s) and transformers ends in its own words.
+    """
+    if hub_offline() or hub_reachable():
+        return
+    import huggingface_hub.constants
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str):
+        raise UserError(
+            f"'{model}' is not in the local Hugging Face cache and the Hub cannot be reached; connect to the "
+            "network, or set HF_HUB_OFFLINE=1 to skip the wait when the model is cached."
+        )
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # cached: use it now rather than after the retries
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def check_source(model: str, config_file_ok: bool = False, revision: str | None = None) -> Path | None:
     """The config.json to read for a local model (None for a Hub id); refuses paths that cannot be a model.
 
     ``config_file_ok``: a path to a config JSON file itself is accepted (``info`` reads configs alone).
+    A Hub id is checked against the cache when the Hub cannot be reached.
     """
     path = Path(model).expanduser()
     if path.exists():
@@ -78,6 +113,7 @@ def check_source(model: str, config_file_ok: bool = False) -> Path | None:
         raise UserError(f"'{model}' is a file; pass the model's folder (with config.json) instead.")
     if looks_like_path(model):
         raise UserError(f"No such file or folder: '{model}'." if config_file_ok else f"No model folder at '{model}'.")
+    _check_hub(model, revision)
     return None
 
 
@@ -137,7 +173,7 @@ def load_config(
     """A ``PretrainedConfig`` from a Hub id, a model folder or a path to a config JSON file; never weights."""
     from transformers import AutoConfig
 
-    config_file = check_source(model, config_file_ok=True)
+    config_file = check_source(model, config_file_ok=True, revision=revision)
     if config_file is not None:
         data = _read_json(config_file)
         _check_model_type(data, config_file, trust_remote_code)
@@ -176,6 +212,28 @@ def positions_limit(config: Any) -> int | None:
     return None
 
 
+def check_seq_len(seq_len: int | None, limit: int | None) -> int:
+    """The window length to use: min(2048, limit) by default; refuses one past the model's maximum positions."""
+    if seq_len is None:
+        return min(2048, limit or 2048)
+    if limit is not None and seq_len > limit:
+        raise UserError(
+            f"A `seq_len` of {seq_len:,} is past the model's maximum positions ({limit:,}); pass at most {limit:,}."
+        )
+    return seq_len
+
+
+def check_prompt_length(prompt_tokens: int, generate: int, limit: int | None) -> None:
+    """Refuse (rather than truncate) a prompt, plus the tokens to generate, longer than the model's positions."""
+    if limit is None or prompt_tokens + generate <= limit:
+        return
+    extra = f" plus {generate:,} to generate" if generate else ""
+    raise UserError(
+        f"The prompt has {prompt_tokens:,} tokens{extra}, more than the model's maximum positions ({limit:,}); "
+        "shorten it."
+    )
+
+
 def max_positions(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
     """The model's maximum positions, read from its config alone (before any weight loads)."""
     return positions_limit(load_config(model_id, revision, trust_remote_code))
@@ -185,7 +243,7 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
     """The model's tokenizer alone (fast), so corpus checks can run before the weights load."""
     from transformers import AutoTokenizer
 
-    check_source(model_id)
+    check_source(model_id, revision=revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as exc:

@@ -110,3 +110,139 @@ def test_write_failing_at_the_end_saves_elsewhere(
     sentence = _one_sentence(runner.invoke(app, args), "No space left on device")
     saved = Path(sentence.split("saved to ")[1].removesuffix(" instead."))
     assert sorted(p.name for p in saved.iterdir()) == ["coactivation.csv", "experts.csv", "layers.csv", "run.json"]
+
+
+# ----------------------------------------------------------------------------------------- limits (item 5)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("seq_len", ["513", "2048", "100000"])
+def test_seq_len_past_the_model_limit_is_refused(seq_len: str, tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", seq_len, "--out", str(tmp_path / "o")]
+    sentence = _one_sentence(runner.invoke(app, args), "maximum positions (512)")
+    assert "--seq-len" in sentence and "corpus" not in sentence
+    assert _files(tmp_path) == {"c.txt"}
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(("words", "generate"), [(700, 0), (250, 20)])
+def test_route_prompt_past_the_model_limit_is_refused(words: int, generate: int, tiny_dir: Any) -> None:
+    args = ["route", "x " * words, "-m", str(tiny_dir("mixtral")), "--generate", str(generate)]
+    sentence = _one_sentence(runner.invoke(app, args), "more than the model's maximum positions (512)")
+    assert ("to generate" in sentence) == bool(generate)
+
+
+# ------------------------------------------------------------------------------------ --layers (item 6)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [("", "--layers is empty"), (" ", "--layers is empty"), ("3-1", "range 3-1 in --layers is reversed; write 1-3"),
+     ("a", "'a' in --layers is not a layer"), ("1,,2", "'' in --layers is not a layer")],
+)
+def test_bad_layer_selections_are_refused_before_loading(spec: str, needle: str, tiny_dir: Any) -> None:
+    _one_sentence(runner.invoke(app, ["route", "hi", "-m", str(tiny_dir("mixtral")), "--layers", spec]), needle)
+
+
+@pytest.mark.parametrize(("spec", "needle"), [("2,99", "layer(s) 99 with no router"), ("7-9", "7-9 with no router")])
+def test_unknown_layers_are_named(spec: str, needle: str, tiny_dir: Any) -> None:
+    result = runner.invoke(app, ["route", "hi", "-m", str(tiny_dir("mixtral")), "--layers", spec, "-q"])
+    sentence = _one_sentence(result, needle)
+    assert "MoE layers are 0-2" in sentence
+
+
+# -------------------------------------------------------------------------------- capacity factor (item 7)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("factor", ["0", "-1", "nan"])
+def test_capacity_factor_must_be_positive(factor: str, tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8", "--capacity-factor", factor,
+            "--out", str(tmp_path / "o"), "--plot", str(tmp_path / "p.png")]
+    _one_sentence(runner.invoke(app, args), f"must be positive, not {factor}")
+    assert _files(tmp_path) == {"c.txt"}
+
+
+def test_api_capacity_factor_must_be_positive(tiny_dir: Any) -> None:
+    import moe_inspect
+    from moe_inspect.errors import UserError
+
+    with pytest.raises(UserError, match="must be positive, not 0"):
+        moe_inspect.load(str(tiny_dir("mixtral"))).balance("x y z", capacity_factors=(1.0, 0.0))
+
+
+# ------------------------------------------------------------------------------------ plot format (item 8)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(("name", "needle"), [("x.txt", "extension .txt"), ("x", "no extension"), ("x.jpeg", ".jpeg")])
+def test_plot_extension_must_name_a_format(name: str, needle: str, tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    before = _files(tmp_path)
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--plot", str(tmp_path / name)]
+    _one_sentence(runner.invoke(app, args), needle)
+    assert _files(tmp_path) == before
+
+
+def test_plot_is_written_in_the_format_its_extension_names(tmp_path: Path, tiny_dir: Any) -> None:
+    pytest.importorskip("matplotlib")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
+    args = ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "8", "-q"]
+    for ext, head in magic.items():
+        plot = tmp_path / f"load.{ext}"
+        result = runner.invoke(app, [*args, "--plot", str(plot)])
+        assert result.exit_code == 0, result.output
+        assert plot.read_bytes().startswith(head), ext
+
+
+# --------------------------------------------------------------------------------------- no network (item 9)
+
+
+@pytest.mark.parametrize("command", [["route", "hi", "-m"], ["balance", "-", "-m"], ["info"]])
+def test_hub_id_without_network_fails_fast(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not offline, not cached, and the Hub unreachable: one sentence at once instead of five retries."""
+    import time
+
+    import moe_inspect.source
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    moe_inspect.source.hub_reachable.cache_clear()
+    started = time.perf_counter()
+    result = runner.invoke(app, [*command, "someone/not-cached-moe"], input="some text\n")
+    moe_inspect.source.hub_reachable.cache_clear()
+    sentence = _one_sentence(result, "is not in the local Hugging Face cache and the Hub cannot be reached")
+    assert "HF_HUB_OFFLINE=1" in sentence
+    assert time.perf_counter() - started < 10
+
+
+# ----------------------------------------------------------------------------------------- help (item 12)
+
+
+@pytest.mark.parametrize("command", [[], ["route"], ["balance"], ["info"]])
+def test_help_shows_flags_without_values_and_defaults(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.stdout
+    if command == ["balance"]:
+        assert "[default: (1, 1.25, 2)]" in result.stdout  # --capacity-factor's default
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_value_after_a_flag_is_named_as_such(tmp_path: Path, tiny_dir: Any) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    result = runner.invoke(app, ["balance", str(corpus), "--lines", "true", "-m", str(tiny_dir("mixtral"))])
+    _one_sentence(result, "Corpus file 'true' does not exist; flags take no value.")

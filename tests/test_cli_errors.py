@@ -68,7 +68,7 @@ def test_dense_model_is_not_moe(dense_dir: Path) -> None:
 def test_bad_options(tiny_dir) -> None:
     model = str(tiny_dir("mixtral"))
     _fails_cleanly(["route", "hi", "-m", model, "--layers", "3-1"], "--layers")
-    _fails_cleanly(["route", "hi", "-m", model, "--layers", "40"], "matches no MoE layer")
+    _fails_cleanly(["route", "hi", "-m", model, "--layers", "40"], "with no router")
     _fails_cleanly(["route", "hi", "-m", model, "--device", "tpu"], "--device must be")
     _fails_cleanly(["route", "  ", "-m", model], "The prompt is empty.")
     _fails_cleanly(["route", "hi", "-m", model, "--load-in-4bit", "--load-in-8bit"], "Choose one of")

@@ -170,18 +170,43 @@ def test_check_file_messages_and_hash(tmp_path: Path, monkeypatch: pytest.Monkey
         check_file(_write(tmp_path / "bad.txt", b"abc\xff def"))
 
 
-def test_stdin_is_spooled_validated_and_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    cleanups: list[Any] = []
-    monkeypatch.setattr(moe_inspect.corpus.atexit, "register", lambda f, *a, **k: cleanups.append((f, a, k)))
-    data = SAMPLE_TEXT.encode("utf-8")
-    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+def test_stdin_is_streamed_never_spooled(monkeypatch: pytest.MonkeyPatch, tokenizer: Any) -> None:
+    """Standard input is read as it is used: a peek before the run is replayed, and max_tokens stops reading."""
+    data = (SAMPLE_TEXT * 200).encode("utf-8")
+    raw = io.BytesIO(data)
+    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(raw))
+    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 4096)
+    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 1024)
     checked = check_file("-")
-    assert checked.name == "-" and checked.path is not None and checked.path.read_bytes() == data
-    assert checked.sha256 == hashlib.sha256(data).hexdigest()
-    assert len(cleanups) == 1  # the spooled copy of standard input is removed at exit
-    f, args, kwargs = cleanups[0]
-    f(*args, **kwargs)
-    assert not checked.path.exists()
+    assert checked.name == "-" and checked.path is None and raw.tell() == 0  # nothing read, nothing written
+    reader = CorpusReader([checked], tokenizer, 16, 4, max_tokens=64)
+    reader.check_long_enough()
+    rows = _rows(reader)
+    assert sum(len(r) for r in rows) == 64
+    assert raw.tell() < len(data) // 4  # stopped reading once max_tokens were taken
+    ids = tokenizer(SAMPLE_TEXT * 200)["input_ids"]
+    assert [t for r in rows for t in r] == ids[:64]  # the peeked bytes were replayed, in order
+    full = CorpusReader([check_file_from(data, monkeypatch)], tokenizer, 16, 4)
+    full.check_long_enough()
+    assert [t for r in _rows(full) for t in r] == ids[: len(ids) // 16 * 16]
+    assert full.files[0].describe() == {"path": "-", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_file_from(data: bytes, monkeypatch: pytest.MonkeyPatch) -> CorpusFile:
+    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    return check_file("-")
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [(b"", "standard input is empty"), (b"ok\x00", "looks binary"), (b"caf\xe9 x", "not UTF-8 text")],
+)
+def test_bad_stdin_is_refused_by_the_pre_load_check(
+    data: bytes, needle: str, monkeypatch: pytest.MonkeyPatch, tokenizer: Any
+) -> None:
+    reader = CorpusReader([check_file_from(data, monkeypatch)], tokenizer, 4, 1)
+    with pytest.raises(UserError, match=needle):
+        reader.check_long_enough()
 
 
 def _write(path: Path, data: bytes) -> str:

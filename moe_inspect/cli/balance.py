@@ -9,9 +9,10 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
-from moe_inspect.cli.options import JsonOpt, QuietOpt, with_load_options
+from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, with_load_options
 from moe_inspect.errors import UserError
 from moe_inspect.options import LoadOptions
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 
 BALANCE_EXAMPLES = """Examples:
 
@@ -35,26 +36,32 @@ def balance(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 4,
     lines: Annotated[
-        bool, typer.Option("--lines", help="Each non-empty line is its own sequence (padded batches).")
+        bool, flag("--lines", help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
     capacity_factor: Annotated[
         list[float] | None,
-        typer.Option("--capacity-factor", help="Capacity factors for drop-rate what-ifs (repeatable).", min=0.0),
+        typer.Option(
+            "--capacity-factor",
+            help="Capacity factor for the drop-rate what-ifs; repeat it for several.",
+            show_default=", ".join(f"{f:g}" for f in DEFAULT_CAPACITY_FACTORS),
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
     ] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the load heatmap as a PNG (matplotlib).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write the load heatmap as .png, .pdf or .svg (matplotlib).")
+    ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
-    from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS
+    from moe_inspect.balance import check_capacity_factors
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
-    from moe_inspect.render.balance import render_balance, write_heatmap_png
-    from moe_inspect.source import load_tokenizer, max_positions, resolve_model
+    from moe_inspect.render.balance import plot_format, render_balance, write_heatmap_png
+    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
     if plot is not None:
@@ -66,14 +73,14 @@ def balance(
         check_output(out_dir, "--out", folder=True)
     if plot is not None:
         check_output(plot, "--plot")
+        plot_format(plot)
     files = check_files(corpus)
     model_id, _ = resolve_model(load.model)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
-    if seq_len is None:
-        seq_len = min(2048, max_positions(model_id, load.revision, load.trust_remote_code) or 2048)
+    seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
     reader.check_long_enough()
-    factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS
+    factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     insp = load_for_cli(load, output, tokenizer)
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import traceback
 import warnings
@@ -43,13 +45,28 @@ def debug() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM becomes SystemExit(143), so cleanup code runs: no temporary file or staging folder is left."""
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def user_errors(func: F) -> F:
-    """One sentence on stderr and exit code 2 for errors the user caused; bugs still raise."""
+    """One sentence on stderr and exit code 2 for errors the user caused; bugs still raise; a closed pipe is
+    a quiet success."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:
+            # `| head` closed the pipe: stop quietly with success, as Unix tools do, and keep the interpreter's
+            # final flush from complaining about the closed stdout.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except UserError as exc:
             if debug():
                 traceback.print_exc()

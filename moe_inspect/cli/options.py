@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from moe_inspect.errors import UserError
 from moe_inspect.options import DTYPE_NAMES, LoadOptions
 
 MODEL_PANEL = "Model loading"
@@ -23,41 +24,45 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 Dtype = Enum("Dtype", {name: name for name in DTYPE_NAMES}, type=str)  # type: ignore[misc]
 
-QuietOpt = Annotated[
-    bool,
-    typer.Option("--quiet", "-q", help="Print no status lines, progress or tables; errors, --json and files only."),
-]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print the tables as one JSON document on stdout (for scripts).")
-]
 
-# (field, flag without "--", short flag, type, help); the flag and the field are both prefixed.
-_LOAD_FIELDS: tuple[tuple[str, str, str | None, Any, str], ...] = (
+def flag(*decls: str, **kwargs: Any) -> Any:
+    """A boolean option that takes no value: no '<bool>' in --help, which had users write '--lines true'."""
+    return typer.Option(*decls, metavar="", **kwargs)
+
+
+QuietOpt = Annotated[
+    bool, flag("--quiet", "-q", help="Print no status lines, progress or tables; errors, --json and files only.")
+]
+JsonOpt = Annotated[bool, flag("--json", help="Print the tables as one JSON document on stdout (for scripts).")]
+
+# (LoadOptions field, short flag, type, help); the flag is the field with dashes, both get the prefix.
+_LOAD_FIELDS: tuple[tuple[str, str | None, Any, str], ...] = (
     (
-        "model", "model", "-m", str | None,
+        "model", "-m", str | None,
         "Hub id (e.g. mistralai/Mixtral-8x7B-v0.1) or local folder. Default: $MOE_INSPECT_MODEL, "
         "else the small demo model shipped with moe-inspect.",
     ),
-    ("dtype", "dtype", None, Dtype, "Weight dtype; auto keeps the checkpoint's."),
-    ("device", "device", None, str, "auto, cpu, cuda or cuda:N; auto picks cuda when available."),
-    ("revision", "revision", None, str | None, "Git revision (branch, tag or commit) on the Hub."),
-    ("trust_remote_code", "trust-remote-code", None, bool, "Allow the model's own Python code from the Hub to run."),
+    ("dtype", None, Dtype, "Weight dtype; auto keeps the checkpoint's."),
+    ("device", None, str, "auto, cpu, cuda or cuda:N; auto picks cuda when available."),
+    ("revision", None, str | None, "Git revision (branch, tag or commit) on the Hub."),
+    ("trust_remote_code", None, bool, "Allow the model's own Python code from the Hub to run."),
     (
-        "device_map", "device-map", None, str | None,
+        "device_map", None, str | None,
         "accelerate device map, e.g. 'auto' to spread a model over GPUs with CPU offload.",
     ),
-    ("load_in_4bit", "load-in-4bit", None, bool, "Quantize with bitsandbytes nf4 (routers stay full precision)."),
-    ("load_in_8bit", "load-in-8bit", None, bool, "Quantize with bitsandbytes int8 (routers stay full precision)."),
+    ("load_in_4bit", None, bool, "Quantize with bitsandbytes nf4 (routers stay full precision)."),
+    ("load_in_8bit", None, bool, "Quantize with bitsandbytes int8 (routers stay full precision)."),
 )
 
 
 def _load_option(name: str, prefix: str = "", panel: str = MODEL_PANEL) -> Any:
     """One loading option as an Annotated type, its flag prefixed (``--against-model``)."""
-    _, flag, short, kind, help_text = next(f for f in _LOAD_FIELDS if f[0] == name)
-    decls = [f"--{prefix}{flag}"] + ([short] if short and not prefix else [])
+    _, short, kind, help_text = next(f for f in _LOAD_FIELDS if f[0] == name)
+    decls = [f"--{prefix}{name.replace('_', '-')}"] + ([short] if short and not prefix else [])
     default = getattr(LoadOptions(), name)
+    option = flag if kind is bool else typer.Option
     return Annotated[
-        kind, typer.Option(*decls, rich_help_panel=panel, help=help_text, show_default=default not in (None, False))
+        kind, option(*decls, rich_help_panel=panel, help=help_text, show_default=default not in (None, False))
     ]
 
 
@@ -75,7 +80,7 @@ def load_option_parameters(prefix: str = "", panel: str = MODEL_PANEL) -> list[i
             annotation=_load_option(name, prefix, panel),
             default=Dtype(getattr(defaults, name)) if kind is Dtype else getattr(defaults, name),
         )
-        for name, _, _, kind, _ in _LOAD_FIELDS
+        for name, _, kind, _ in _LOAD_FIELDS
     ]
 
 
@@ -102,20 +107,18 @@ def with_load_options(prefix: str = "", dest: str = "load", panel: str = MODEL_P
 
 
 def parse_layers(spec: str | None) -> set[int] | None:
-    """'0,5-7' -> {0, 5, 6, 7}; None means every layer."""
-    if spec is None or not spec.strip():
+    """'0,5-7' -> {0, 5, 6, 7}; None (option not given) means every layer; an empty selection is refused."""
+    if spec is None:
         return None
+    if not spec.strip():
+        raise UserError("`layers` is empty; give layers like 0,5-7, or leave the option out for all layers.")
     layers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                if low > high:
-                    raise ValueError
-                layers.update(range(low, high + 1))
-            else:
-                layers.add(int(part))
-        except ValueError:
-            raise typer.BadParameter(f"'{part}' is not a layer or a range like 5-7.", param_hint="--layers") from None
+    for part in (p.strip() for p in spec.split(",")):
+        low, sep, high = part.partition("-")
+        if not (low.isdigit() and (not sep or high.isdigit())):
+            raise UserError(f"'{part}' in `layers` is not a layer or a range like 5-7.")
+        first, last = int(low), int(high) if sep else int(low)
+        if first > last:
+            raise UserError(f"The range {part} in `layers` is reversed; write {last}-{first}.")
+        layers.update(range(first, last + 1))
     return layers

@@ -25,10 +25,21 @@ ROUTE_EXAMPLES = """Examples:
 """
 
 
+def _strip_one_newline(text: str) -> str:
+    """`echo hi | moe-inspect route -` should route 'hi', not 'hi' and a newline token."""
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[: -len(end)]
+    return text
+
+
 @user_errors
 @with_load_options()
 def route(
-    prompt: Annotated[str, typer.Argument(help="Text to route; '-' reads it from standard input.")],
+    prompt: Annotated[
+        str,
+        typer.Argument(help="Text to route; '-' reads it from standard input, less one trailing newline (echo's)."),
+    ],
     load: LoadOptions,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Decoder layers to show and export, e.g. '0,5-7'.")
@@ -50,22 +61,20 @@ def route(
     """
     from moe_inspect.export import check_output, write_csv
     from moe_inspect.render.route import render_route
+    from moe_inspect.source import check_prompt_length, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = _strip_one_newline(sys.stdin.read()) if prompt == "-" else prompt
     if not text.strip():
         raise UserError("The prompt is empty.")
     selected = parse_layers(layers)
     if csv is not None:
         check_output(csv, "--csv")
-    insp = load_for_cli(load, output)
-    if selected is not None:
-        known = {spec.layer for spec in insp.loaded.routers}
-        if not selected & known:
-            raise UserError(
-                f"--layers {layers} matches no MoE layer; this model has MoE layers "
-                f"{', '.join(map(str, sorted(known)))}."
-            )
+    model_id, _ = resolve_model(load.model)
+    tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
+    limit = max_positions(model_id, load.revision, load.trust_remote_code)
+    check_prompt_length(len(tokenizer(text)["input_ids"]), generate, limit)  # before the weights load
+    insp = load_for_cli(load, output, tokenizer)
     frame = insp.route(text, generate=generate, temperature=temperature, seed=seed, layers=selected)
     if json_output:
         output.json({**frame.attrs, "rows": frame})

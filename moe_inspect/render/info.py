@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from itertools import groupby
-
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from moe_inspect.info import ModelInfo
-from moe_inspect.units import human_bytes, human_count
-
-
-def layer_ranges(layers: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8': 61 layer numbers stay one short line."""
-    parts: list[str] = []
-    ordered = sorted(layers)
-    for _, run in groupby(enumerate(ordered), key=lambda pair: pair[1] - pair[0]):
-        values = [value for _, value in run]
-        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
-    return ", ".join(parts)
+from moe_inspect.units import human_bytes, human_count, layer_ranges
 
 
 def _layers_line(info: ModelInfo) -> str:
