@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import bitsandbytes  # noqa: F401  (the test extra installs it: a broken install must fail, not skip)
 import pytest
 import torch
 from torch import nn
-
-pytest.importorskip("bitsandbytes")
 
 from moe_inspect.capture import capture
 from moe_inspect.loading import load
