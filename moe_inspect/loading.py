@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moe_inspect.capture import capture
@@ -127,7 +128,7 @@ def _load_error(model: str, exc: Exception) -> UserError:
         )
     if "trust_remote_code" in str(exc) or "does not recognize this architecture" in str(exc):
         return UserError(f"transformers does not know the model type of '{model}'; retry with --trust-remote-code.")
-    return UserError(f"Could not load '{model}': {text}")
+    return UserError(f"Could not load '{model}': {text.rstrip(' .:;')}.")
 
 
 def quantization_config(
@@ -296,7 +297,7 @@ def load(
         kwargs["device_map"] = {"": resolved_device}
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except (OSError, ValueError, KeyError, ImportError, SafetensorError) as exc:  # SafetensorError: corrupt weights
         raise _load_error(model_id, exc) from exc
     if tokenizer is None:
         tokenizer = load_tokenizer(model_id, revision, trust_remote_code)

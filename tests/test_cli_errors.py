@@ -92,6 +92,26 @@ def test_bad_options(tiny_dir) -> None:
         _fails_cleanly(["route", "hi", "-m", model, "--device", "cuda"], "no CUDA device is available")
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_broken_weights_are_one_sentence(tiny_dir, tmp_path: Path, damage: str) -> None:
+    """A model folder whose weights are garbage or absent: the loader's failure becomes one sentence."""
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_dir("mixtral"), tmp_path / "model"))
+    if damage == "corrupt":
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
+    else:
+        (folder / "model.safetensors").unlink()
+    needle = f"Could not load '{folder}'"
+    error = _fails_cleanly(["route", "hi", "-m", str(folder)], needle)
+    assert ("deserializing header" if damage == "corrupt" else "no file named model.safetensors") in error
+
+
+def test_route_output_errors_are_one_sentence(tiny_dir, tmp_path: Path) -> None:
+    """--csv naming a directory is refused before the model loads (it used to fail after, with a traceback)."""
+    _fails_cleanly(["route", "hi", "-m", str(tiny_dir("mixtral")), "--csv", str(tmp_path)], "is a directory")
+
+
 def test_prompt_from_stdin(tiny_dir, tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     result = runner.invoke(app, ["route", "-", "-m", str(tiny_dir("mixtral")), "--csv", str(out), "-q"], input="a b")

@@ -74,6 +74,8 @@ def balance(
             raise UserError("--plot needs matplotlib: pip install 'moe-inspect[plot]'.") from None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory.")
+    if plot is not None and plot.is_dir():
+        raise UserError(f"--plot {plot} is a directory; give the path of the PNG file to write.")
     files = check_files(corpus)
     model_id, _ = resolve_model(model)
     tokenizer = load_tokenizer(model_id, revision, trust_remote_code)

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moe_inspect.api import Inspector, load
 from moe_inspect.errors import UserError
@@ -29,7 +30,7 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
+            err.print(f"[red]Error:[/red] {escape(str(exc))}", soft_wrap=True)  # '[plot]' is not markup
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -68,6 +68,8 @@ def route(
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text.strip():
         raise UserError("The prompt is empty.")
+    if csv is not None and csv.is_dir():
+        raise UserError(f"--csv {csv} is a directory; give the path of the CSV file to write.")
     selected = parse_layers(layers)
     insp = load_for_cli(model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit)
     if selected is not None:
