@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from experts_truth import experts_module
 from safetensors.torch import load_file
 from tiny_models import SELECTION_BIAS_NAME, moe_families
 from torch import nn
@@ -24,20 +25,9 @@ from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.capture import RouterOutput, capture
 from moe_inspect.cli import app
 from moe_inspect.loading import LoadedModel, load
-from moe_inspect.routers import RouterSpec
 
 FAMILIES = moe_families()
 TEXTS = ["def add(a, b): return a + b", "The quick brown fox"]
-
-
-def _experts_owner(model: nn.Module, spec: RouterSpec) -> nn.Module | None:
-    """The nearest module above the router that holds the routed experts."""
-    parts = spec.path.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        owner = model.get_submodule(".".join(parts[:end]))
-        if isinstance(getattr(owner, "experts", None), nn.Module):
-            return owner.experts
-    return None
 
 
 def _received(
@@ -76,7 +66,7 @@ def _received(
 
             handles.append(spec.module.register_forward_hook(scores_truth))
         else:
-            owner = _experts_owner(loaded.model, spec)
+            owner = experts_module(loaded.model, spec.path)
             assert owner is not None, f"no experts module found above {spec.path}"
 
             def pre(_m, args, kwargs, i=spec.index):

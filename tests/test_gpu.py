@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from experts_truth import experts_module
 
 import moe_inspect
 import moe_inspect.capture as capture_module
@@ -97,12 +97,7 @@ def _received_by_experts(loaded, ids: torch.Tensor):
     received = {}
     handles = []
     for spec in loaded.routers:
-        parts = spec.path.split(".")
-        owner = next(
-            loaded.model.get_submodule(".".join(parts[:end])).experts
-            for end in range(len(parts) - 1, 0, -1)
-            if isinstance(getattr(loaded.model.get_submodule(".".join(parts[:end])), "experts", None), nn.Module)
-        )
+        owner = experts_module(loaded.model, spec.path)
 
         def pre(_m, args, kwargs, i=spec.index):
             received[i] = (kwargs.get("top_k_index", args[1]), kwargs.get("top_k_weights", args[2]))

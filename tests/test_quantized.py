@@ -5,6 +5,7 @@ from __future__ import annotations
 import bitsandbytes  # noqa: F401  (the test extra installs it: a broken install must fail, not skip)
 import pytest
 import torch
+from experts_truth import experts_module
 from torch import nn
 
 from moe_inspect.capture import capture
@@ -75,7 +76,7 @@ def test_quantized_routers_stay_full_precision(quant_dir, family: str, bits: int
             weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
             received[i] = (index.clone(), weights.clone())
 
-        handles.append(_experts_module(loaded.model, spec).register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(experts_module(loaded.model, spec.path).register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with torch.inference_mode(), capture(loaded.routers) as cap:
             out = loaded.model(input_ids=ids, output_router_logits=True)
@@ -89,16 +90,6 @@ def test_quantized_routers_stay_full_precision(quant_dir, family: str, bits: int
         assert torch.equal(got.experts, index.reshape(got.experts.shape).long()), spec.path
         torch.testing.assert_close(got.weights, weights.reshape(got.weights.shape).float(), atol=0, rtol=0)
         assert torch.equal(got.logits, recorded.float()), spec.path
-
-
-def _experts_module(model: nn.Module, spec) -> nn.Module:
-    """The nearest ``experts`` module above the router (DBRX: ``ffn.experts``; others: ``mlp.experts``)."""
-    parts = spec.path.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        experts = getattr(model.get_submodule(".".join(parts[:end])), "experts", None)
-        if isinstance(experts, nn.Module):
-            return experts
-    raise AssertionError(f"no experts module above {spec.path}")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
