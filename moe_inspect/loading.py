@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moe_inspect.capture import capture
@@ -194,7 +195,7 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         kwargs["device_map"] = {"": resolved_device}
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except (OSError, ValueError, KeyError, ImportError, SafetensorError) as exc:  # SafetensorError: corrupt weights
         raise loader_error(model_id, exc) from exc
     if tokenizer is None:
         tokenizer = load_tokenizer(model_id, options.revision, options.trust_remote_code)

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers_models import LINES, SAMPLE_TEXT, make_tokenizer
-from transformers import MixtralConfig
+from tiny_models import LINES, SAMPLE_TEXT, tiny_config, train_tiny_tokenizer
 from typer.testing import CliRunner
 
 import moe_inspect.api
@@ -34,23 +33,14 @@ def _flat(rows: list[list[int]]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    return make_tokenizer(bos=True)
+    return train_tiny_tokenizer(bos=True)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     """A model folder with a config and a tokenizer but no weights: loading the model could never succeed."""
     path = tmp_path_factory.mktemp("no-weights")
-    MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        max_position_embeddings=128,
-    ).save_pretrained(path)
+    tiny_config("mixtral").save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -248,7 +238,7 @@ def test_each_file_is_its_own_stream(tokenizer: Any) -> None:
 
 
 def test_no_bos_when_the_tokenizer_adds_none() -> None:
-    plain = make_tokenizer(bos=False)
+    plain = train_tiny_tokenizer(bos=False)
     ids = plain(SAMPLE_TEXT)["input_ids"]
     assert plain.bos_token_id not in ids
     rows = _rows(_reader(plain, [SAMPLE_TEXT], 16))

@@ -70,11 +70,9 @@ def test_remote_code_routers_found_heuristically(remote_dir: Path) -> None:
 
 
 def test_remote_code_without_trust_is_one_sentence(remote_dir: Path) -> None:
+    from cli_checks import assert_one_line_error
     from typer.testing import CliRunner
 
     from moe_inspect.cli import app
 
-    result = CliRunner().invoke(app, ["route", "hi", "-m", str(remote_dir)])
-    assert result.exit_code == 2
-    assert "Traceback" not in result.output
-    assert "--trust-remote-code" in result.output
+    assert_one_line_error(CliRunner().invoke(app, ["route", "hi", "-m", str(remote_dir)]), "--trust-remote-code")
