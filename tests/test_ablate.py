@@ -199,8 +199,8 @@ def test_gradients_equal_a_full_backward(model_type: str, tiny_dir) -> None:
         ({"drop_experts": ["1:99"]}, "Expert 99 does not exist: layer 1 has 8 experts (0-7)."),
         ({"drop_experts": ["0:1"]}, "Layer 0 is a dense layer: it has no experts to remove."),
         ({"drop_experts": ["1"]}, "'1' is not LAYER:EXPERT (for example 5:0 or *:3)."),
-        ({"top_k": [0]}, "top-k must be between 1 and the number of experts (8); got 0."),
-        ({"top_k": [9]}, "top-k must be between 1 and the number of experts (8); got 9."),
+        ({"top_k": [0]}, "`top_k` must be between 1 and the number of experts (8); got 0."),
+        ({"top_k": [9]}, "`top_k` must be between 1 and the number of experts (8); got 9."),
         ({"capacity_factors": [0.0]}, "A capacity factor must be positive; got 0.0."),
         ({"importance": True, "layers": [0]}, "Layer 0 is a dense layer: it has no experts to rank."),
         ({"drop_experts": [",".join(f"1:{e}" for e in range(7))]}, "Layer 1 would keep 1 experts"),
@@ -279,3 +279,22 @@ def test_ctrl_c_keeps_the_completed_batches(tiny_dir) -> None:
     assert calls[:3] == [(2, 3), (3, 3), (2, 3)]
     assert report.partial and report.run["batches"] == 1
     assert report.ablation["loss"].tolist() == full.ablation["loss"].tolist()
+
+
+def test_cli_json_is_one_document_and_quiet_prints_nothing(tiny_dir, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 2))
+    args = ["ablate", str(corpus), "-m", str(tiny_dir("mixtral")), "--seq-len", "24", "--top-k", "1", "--json", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # no load line, no cost line, no progress
+    data = json.loads(result.stdout)
+    assert set(data) == {"run", "ablation", "ablation_layers", "importance", "gradients"}
+    assert [row["setting"] for row in data["ablation"]] == ["baseline", "top-k=1"]
+    assert data["ablation"][0]["tokens"] == data["run"]["predicted_tokens"] > 0
+    assert data["importance"] is None and data["gradients"] is None
+    assert data["run"]["mode"] == "packed" and data["run"]["corpus"][0]["path"] == str(corpus)

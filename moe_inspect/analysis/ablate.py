@@ -27,7 +27,7 @@ from moe_inspect.analysis.outputs import OutputHead, predicted_positions, token_
 from moe_inspect.balance import package_versions
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
-from moe_inspect.export import write_csv, write_json
+from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
 from moe_inspect.schemas import ABLATION, ABLATION_LAYERS
 
@@ -51,14 +51,20 @@ class AblationReport:
         return bool(self.run.get("partial"))
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        out = Path(out_dir)
-        written = [write_csv(self.ablation, out / "ablation.csv"), write_csv(self.layers, out / "ablation_layers.csv")]
-        if self.importance is not None:
-            written.append(write_csv(self.importance, out / "importance.csv"))
-        if self.gradients is not None:
-            written.append(write_csv(self.gradients, out / "gradients.csv"))
-        written.append(write_json(self.run, out / "run.json"))
-        return written
+        """ablation.csv, ablation_layers.csv (importance.csv, gradients.csv) and run.json, swapped in as one set."""
+
+        def write_all(out: Path) -> list[Path]:
+            written = [
+                write_csv(self.ablation, out / "ablation.csv"), write_csv(self.layers, out / "ablation_layers.csv")
+            ]
+            if self.importance is not None:
+                written.append(write_csv(self.importance, out / "importance.csv"))
+            if self.gradients is not None:
+                written.append(write_csv(self.gradients, out / "gradients.csv"))
+            written.append(write_json(self.run, out / "run.json"))
+            return written
+
+        return replace_folder(out_dir, write_all)
 
 
 @dataclass

@@ -81,7 +81,7 @@ def top_k_change(k: int, routers: list[RouterSpec], label: str | None = None) ->
     """Every MoE layer picks ``k`` experts; refused unless 1 <= k <= E in every layer."""
     smallest = min(spec.num_experts for spec in routers)
     if not 1 <= k <= smallest:
-        raise UserError(f"top-k must be between 1 and the number of experts ({smallest}); got {k}.")
+        raise UserError(f"`top_k` must be between 1 and the number of experts ({smallest}); got {k}.")
     return RoutingChange(label=label or f"top-k={k}", top_k=k)
 
 
@@ -93,7 +93,7 @@ def check_request(top_k: Iterable[int], drop_experts: Iterable[str], capacity_fa
     """What can be refused without the model (before loading it): k < 1, capacity <= 0, malformed items."""
     for k in top_k:
         if k < 1:
-            raise UserError(f"top-k must be at least 1; got {k}.")
+            raise UserError(f"`top_k` must be at least 1; got {k}.")
     for factor in capacity_factors:
         if not factor > 0:
             raise UserError(f"A capacity factor must be positive; got {factor}.")

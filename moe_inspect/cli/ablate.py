@@ -4,30 +4,17 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moe_inspect.analysis.interventions import check_request
-from moe_inspect.api import Inspector
-from moe_inspect.cli.common import err, load_for_cli, out, user_errors
-from moe_inspect.cli.options import (
-    DeviceMapOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
-    LoadIn4bitOpt,
-    LoadIn8bitOpt,
-    ModelOpt,
-    RevisionOpt,
-    TrustRemoteCodeOpt,
-    parse_layers,
-)
-from moe_inspect.corpus import Batch, CorpusReader, check_files
+from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
+from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
-from moe_inspect.render.ablate import render_ablation
+from moe_inspect.options import LoadOptions
+
+if TYPE_CHECKING:
+    from moe_inspect.api import Inspector
 
 ABLATE_EXAMPLES = """Examples:
 
@@ -48,19 +35,20 @@ class DropPolicy(str, Enum):
     probs = "probs"
 
 
-def _load(model: str | None, tokenizer: Any, **load_options: Any) -> Inspector:
-    """The one place this command loads a model (load options become one LoadOptions value later)."""
-    return load_for_cli(model, tokenizer=tokenizer, **load_options)
+def _load(options: LoadOptions, output: Output, tokenizer: Any) -> Inspector:
+    """The one place this command loads a model."""
+    return load_for_cli(options, output, tokenizer)
 
 
 @user_errors
+@with_load_options()
 def ablate(
     corpus: Annotated[list[str], typer.Argument(help="UTF-8 text files; '-' reads standard input.")],
-    model: ModelOpt = None,
+    load: LoadOptions,
     top_k: Annotated[
         list[int] | None, typer.Option("--top-k", help="Every MoE layer uses K experts (repeatable; 1 .. E).")
     ] = None,
-    dense: Annotated[bool, typer.Option("--dense", help="Every MoE layer uses all its experts.")] = False,
+    dense: Annotated[bool, flag("--dense", help="Every MoE layer uses all its experts.")] = False,
     drop_experts: Annotated[
         list[str] | None,
         typer.Option("--drop-experts", help="Remove experts: LAYER:EXPERT items, '*' = every MoE layer (repeatable)."),
@@ -73,53 +61,59 @@ def ablate(
         DropPolicy, typer.Option("--drop-policy", help="Over capacity: earlier tokens win, or highest weights win.")
     ] = DropPolicy.position,
     importance: Annotated[
-        bool, typer.Option("--importance", help="Loss increase when each expert alone is removed (one pass each).")
+        bool, flag("--importance", help="Loss increase when each expert alone is removed (one pass each).")
     ] = False,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Layers for --importance, e.g. '0,5-7' (default: every MoE layer).")
     ] = None,
     gradients: Annotated[
-        bool, typer.Option("--gradients", help="Per-expert gradient norm of the loss (one backward per batch).")
+        bool, flag("--gradients", help="Per-expert gradient norm of the loss (one backward per batch).")
     ] = False,
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 4,
     lines: Annotated[
-        bool, typer.Option("--lines", help="Each non-empty line is its own sequence (padded batches).")
+        bool, flag("--lines", help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
     out_dir: Annotated[
         Path | None,
         typer.Option("--out", help="Write ablation.csv, ablation_layers.csv, importance.csv, gradients.csv, run.json."),
     ] = None,
-    dtype: DtypeOpt = Dtype.auto,
-    device: DeviceOpt = "auto",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    device_map: DeviceMapOpt = None,
-    load_in_4bit: LoadIn4bitOpt = False,
-    load_in_8bit: LoadIn8bitOpt = False,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Measure the language-model loss under routing changes, each against the unchanged model on the same batches."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from moe_inspect.analysis.ablate import build_plan
+    from moe_inspect.analysis.interventions import check_request
+    from moe_inspect.corpus import Batch, CorpusReader, check_files
+    from moe_inspect.export import check_output
+    from moe_inspect.render.ablate import render_ablation
+    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
+
+    output = Output(quiet, json_output)
     if layers is not None and not importance:
         raise UserError("--layers chooses the layers of --importance; add --importance.")
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory.")
+    if out_dir is not None:
+        check_output(out_dir, "--out", folder=True)
     check_request(top_k or (), drop_experts or (), capacity_factor or ())  # the rest needs the model
     files = check_files(corpus)
-    model_id, _ = resolve_model(model)
-    tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
-    if seq_len is None:
-        seq_len = min(2048, max_positions(model_id, revision, trust_remote_code) or 2048)
+    model_id, _ = resolve_model(load.model)
+    tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
+    seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
     reader.check_long_enough()
-    insp = _load(
-        model, tokenizer, dtype=dtype.value, device=device, revision=revision, trust_remote_code=trust_remote_code,
-        device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-    )
-    from moe_inspect.analysis.ablate import build_plan
-
+    insp = _load(load, output, tokenizer)
     options = {
         "top_k": top_k or (), "dense": dense, "drop_experts": drop_experts or (),
         "capacity_factors": capacity_factor or (), "drop_policy": drop_policy.value, "importance": importance,
@@ -129,10 +123,9 @@ def ablate(
     passes = plan.passes_per_batch({spec.layer: spec.num_experts for spec in insp.loaded.routers})
     if passes > 1:
         extra = f", {len(plan.importance_layers)} layer(s) of experts removed one at a time" if importance else ""
-        err.print(
+        output.status(
             f"Cost: {passes} decoder passes per batch (baseline, {len(plan.changes)} setting(s){extra}"
-            f"{', one forward-backward' if gradients else ''}): about {passes}x one pass over the corpus.",
-            soft_wrap=True,
+            f"{', one forward-backward' if gradients else ''}): about {passes}x one pass over the corpus."
         )
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(
@@ -144,6 +137,7 @@ def ablate(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=quiet,
     ) as progress:
         task = progress.add_task("ablating", total=total, tokens=0, pass_=0, passes=passes)
         state = {"tokens": 0, "base": 0}
@@ -161,10 +155,19 @@ def ablate(
             reader=reader, progress=advance, **{k: v for k, v in options.items() if k != "layers"},
             layers=options["layers"],
         )
-    render_ablation(report, out)
+    if json_output:
+        output.json(
+            {
+                "run": report.run, "ablation": report.ablation, "ablation_layers": report.layers,
+                "importance": report.importance, "gradients": report.gradients,
+            }
+        )
+    elif output.tables:
+        render_ablation(report, out)
     if out_dir is not None:
-        written = report.write(out_dir)
-        err.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
+        failure = save(report.write, out_dir, "--out", output)
+        if failure:
+            raise UserError(failure)
     if report.partial:
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches completed before Ctrl-C.")
         raise typer.Exit(130)
