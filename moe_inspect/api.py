@@ -80,8 +80,14 @@ class Inspector:
         capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
         reader: CorpusReader | None = None,
         progress: Progress | None = None,
+        top_tokens: int = 0,
+        min_count: int = 5,
     ) -> BalanceReport:
-        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``)."""
+        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
+
+        ``top_tokens=N`` also fills ``report.expert_tokens`` (each expert's N most frequent and N highest-lift
+        token ids with at least ``min_count`` assignments) and ``vocab_specialization`` in ``report.layers``.
+        """
         if reader is None:
             reader = self.corpus(
                 texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
@@ -94,7 +100,11 @@ class Inspector:
             "mode": "lines" if reader.lines else "packed",
             "max_tokens": reader.max_tokens,
         }
-        report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
+        if top_tokens < 0 or min_count < 1:
+            raise UserError("top_tokens must be >= 0 and min_count >= 1.")
+        report = run_balance(
+            self.loaded, reader.batches(), tuple(capacity_factors), progress, info, top_tokens, min_count
+        )
         if not reader.lines:
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.export import write_csv, write_json
@@ -34,6 +35,7 @@ class BalanceReport:
     experts: pd.DataFrame
     coactivation: pd.DataFrame
     run: dict[str, Any] = field(default_factory=dict)
+    expert_tokens: pd.DataFrame | None = None  # with top_tokens: schemas.EXPERT_TOKENS
 
     @property
     def partial(self) -> bool:
@@ -42,12 +44,14 @@ class BalanceReport:
     def write(self, out_dir: str | Path) -> list[Path]:
         """layers.csv, experts.csv, coactivation.csv and run.json, each written atomically."""
         out = Path(out_dir)
-        return [
+        written = [
             write_csv(self.layers, out / "layers.csv"),
             write_csv(self.experts, out / "experts.csv"),
             write_csv(self.coactivation, out / "coactivation.csv"),
-            write_json(self.run, out / "run.json"),
         ]
+        if self.expert_tokens is not None:
+            written.append(write_csv(self.expert_tokens, out / "expert_tokens.csv"))
+        return [*written, write_json(self.run, out / "run.json")]
 
 
 def package_versions() -> dict[str, str | None]:
@@ -66,17 +70,25 @@ def run_balance(
     capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
     progress: Progress | None = None,
     run_info: dict[str, Any] | None = None,
+    top_tokens: int = 0,
+    min_count: int = 5,
 ) -> BalanceReport:
-    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial)."""
+    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial).
+
+    ``top_tokens`` > 0 also counts token ids per expert (``analysis.token_counts``) for ``expert_tokens``.
+    """
     accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+    counter = TokenCounter(loaded.routers) if top_tokens > 0 else None
     device = loaded.input_device
     tokens = 0
     partial = False
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), capture(loaded.routers, sink=accumulator, keep=False):
+        with torch.inference_mode(), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
             for batch in batches:
                 accumulator.begin_batch(batch.attention_mask)
+                if counter is not None:
+                    counter.begin_batch(batch.input_ids, batch.attention_mask)
                 # Positions count real tokens only, so left padding also works for absolute position embeddings.
                 positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
                 loaded.model(
@@ -111,9 +123,17 @@ def run_balance(
         "platform": platform.platform(),
         **(run_info or {}),
     }
-    return BalanceReport(
+    report = BalanceReport(
         layers=layers_frame(totals, capacity_factors),
         experts=experts_frame(totals),
         coactivation=coactivation_frame(totals),
         run=run,
     )
+    if counter is not None:
+        token_totals = counter.finish()
+        report.layers = report.layers.merge(vocab_frame(token_totals), on=["layer", "router"], how="left")
+        report.expert_tokens = expert_tokens_frame(
+            token_totals, lambda i: loaded.tokenizer.decode([i]), top_tokens, min_count
+        )
+        run.update(top_tokens=top_tokens, min_count=min_count)
+    return report

@@ -25,6 +25,7 @@ from moe_inspect.corpus import Batch, CorpusReader, check_files
 from moe_inspect.errors import UserError
 from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
 from moe_inspect.render.balance import render_balance, write_heatmap_png
+from moe_inspect.render.extras import balance_extras
 
 BALANCE_EXAMPLES = """Examples:
 
@@ -58,6 +59,13 @@ def balance(
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
     ] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the load heatmap as a PNG (matplotlib).")] = None,
+    top_tokens: Annotated[
+        int, typer.Option("--top-tokens", min=0, help="Per expert, the N most frequent and N highest-lift tokens.")
+    ] = 0,
+    min_count: Annotated[
+        int, typer.Option("--min-count", min=1, help="Least assignments for a token to be listed by lift.")
+    ] = 5,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = "auto",
     revision: RevisionOpt = None,
@@ -108,8 +116,11 @@ def balance(
                 rate=done / elapsed,
             )
 
-        report = insp.balance(reader=reader, capacity_factors=factors, progress=advance)
+        report = insp.balance(
+            reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count
+        )
     render_balance(report, out)
+    balance_extras(report, out, err, html)
     if out_dir is not None:
         written = report.write(out_dir)
         err.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,6 +12,7 @@ from moe_inspect.cli.common import err, out, user_errors
 from moe_inspect.cli.options import RevisionOpt, TrustRemoteCodeOpt
 from moe_inspect.loading import resolve_model
 from moe_inspect.params import describe, load_config
+from moe_inspect.render.extras import info_extras
 from moe_inspect.render.info import render_info
 
 INFO_EXAMPLES = """Examples:
@@ -36,6 +38,7 @@ def info(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of the panel (for scripts).")
     ] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
@@ -53,6 +56,7 @@ def info(
     config = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
     with err.status("Building the model on the meta device…"):
         result = describe(config, trust_remote_code=trust_remote_code)
+    info_extras(result, model, err, html)
     if json_output:
         print(json.dumps(result.to_dict(), indent=2))
         return

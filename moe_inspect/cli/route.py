@@ -23,6 +23,7 @@ from moe_inspect.cli.options import (
 )
 from moe_inspect.errors import UserError
 from moe_inspect.export import write_csv
+from moe_inspect.render.extras import route_extras
 from moe_inspect.render.route import render_route
 
 ROUTE_EXAMPLES = """Examples:
@@ -54,6 +55,7 @@ def route(
         float, typer.Option("--temperature", min=0.0, help="Sampling temperature for --generate; 0 is greedy.")
     ] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table (use with --csv).")] = False,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = "auto",
@@ -84,3 +86,4 @@ def route(
         write_csv(frame, csv)
         err.print(f"Wrote {len(frame)} rows to {csv}")
 
+    route_extras(frame, insp.loaded.routers, insp.loaded.model_id, err, html)

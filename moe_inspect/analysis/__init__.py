@@ -1,0 +1,1 @@
+"""Analysis stage: what is computed from captured routing (token specialisation, and later compare/ablate)."""
