@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moe_inspect.render.html.charts import HEATMAP_CSS, heatmap, line_chart
+from moe_inspect.render.html.charts import HEATMAP_CSS, HEATMAP_SCRIPT, heatmap, line_chart
 from moe_inspect.render.html.page import Raw, diverging_css, document, esc, table
 from moe_inspect.render.tokens import top_token_lines
 
@@ -104,4 +104,4 @@ def balance_html(
                 + "</details>"
             )
     css = HEATMAP_CSS + diverging_css() + "table.tokens td{text-align:left;font-family:ui-monospace,monospace}"
-    return document(title or "moe-inspect balance", "".join(body), css=css)
+    return document(title or "moe-inspect balance", "".join(body), css=css, script=HEATMAP_SCRIPT)

@@ -20,7 +20,8 @@ from moe_inspect.render.html.page import diverging_bin as _bin
 
 HEATMAP_CSS = """
 table.heat{border-collapse:collapse;font-size:10px;font-variant-numeric:tabular-nums}
-table.heat td{width:var(--cw,14px);height:16px;padding:0;border:1px solid #fff;text-align:center;color:#fff}
+table.heat td{width:var(--cw,14px);min-width:var(--cw,14px);height:18px;
+padding:0;border:1px solid #fff;text-align:center;color:#fff}
 table.heat th{font-weight:normal;padding:0 4px;text-align:right;white-space:nowrap}
 table.heat thead th{text-align:center;font-size:9px;padding:0}
 """
@@ -45,13 +46,13 @@ def heatmap(
     ratio = frame[value].to_numpy(dtype=float) / np.asarray(reference, dtype=float)
     dead_mask = np.zeros(len(frame), bool) if dead is None else dead.to_numpy(bool)
     experts = int(frame["expert"].max()) + 1 if len(frame) else 0
-    width = 14 if experts <= 64 else 5 if experts <= 160 else 4
+    unit = unit if unit.startswith(" ") else " " + unit
+    width = 30 if experts <= 16 else 14 if experts <= 64 else 5 if experts <= 160 else 4
     head = ""
     if experts <= 64:
         head = "<thead><tr><th>layer</th>" + "".join(f"<th>{e}</th>" for e in range(experts)) + "</tr></thead>"
     rows = []
     layers = frame["layer"].to_numpy()
-    expert_ids = frame["expert"].to_numpy()
     start = 0
     for layer in pd.unique(layers):
         end = start
@@ -59,14 +60,13 @@ def heatmap(
             end += 1
         cells = []
         for i in range(start, end):
-            e = int(expert_ids[i])
+            # Terse on purpose (61 x 256 cells): the value as title; the script adds layer and expert on hover.
             if dead_mask[i]:
-                cells.append(f'<td class="hd" title="layer {layer} expert {e}: dead (never chosen)">×</td>')
+                cells.append("<td class=hd title=dead>×</td>")
             elif math.isfinite(ratio[i]) and ratio[i] > 0:
-                tip = f"layer {layer} expert {e}: {ratio[i]:.3g}{unit}"
-                cells.append(f'<td class="h{_bin(ratio[i])}" title="{tip}"></td>')
+                cells.append(f"<td class=h{_bin(ratio[i])} title={ratio[i]:.3g}></td>")
             else:
-                cells.append(f'<td class="h4" title="layer {layer} expert {e}: {ratio[i]:.3g}{unit}"></td>')
+                cells.append(f"<td class=h4 title={ratio[i]:.3g}></td>")
         rows.append(f'<tr data-layer="{layer}"><th scope="row">{layer}</th>{"".join(cells)}</tr>')
         start = end
     items = [*zip(DIVERGING, DIVERGING_LABELS, strict=True)]
@@ -75,8 +75,18 @@ def heatmap(
     return (
         f"{legend(items, label)}"
         f'<div class="scroll"><table class="heat" id="{esc(table_id)}" style="--cw:{width}px" '
-        f'aria-label="{esc(label)}">{head}<tbody>{"".join(rows)}</tbody></table></div>'
+        f'data-unit="{esc(unit)}" aria-label="{esc(label)}">{head}<tbody>{"".join(rows)}</tbody></table></div>'
     )
+
+
+# Spells out a heatmap cell's title (layer, expert, unit) on hover; the bare value is there without script.
+HEATMAP_SCRIPT = """
+document.querySelectorAll('table.heat[data-unit]').forEach(function(t){
+ t.addEventListener('mouseover',function(ev){var c=ev.target.closest('td');if(!c||c.dataset.done)return;
+  var r=c.parentNode,e=[].indexOf.call(r.querySelectorAll('td'),c);
+  c.title='layer '+r.dataset.layer+' expert '+e+': '+(c.title==='dead'?'dead (never chosen)':c.title+t.dataset.unit);
+  c.dataset.done=1;});});
+"""
 
 
 def sequential_heatmap(frame: pd.DataFrame, value: str, label: str, table_id: str) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moe_inspect.render.html.charts import HEATMAP_CSS, heatmap, line_chart
-from moe_inspect.render.html.page import diverging_css, document, esc, table
+from moe_inspect.render.html.charts import HEATMAP_CSS, HEATMAP_SCRIPT, heatmap, line_chart
+from moe_inspect.render.html.page import diverging_css, document, esc, kv_table, table
 
 _AGREEMENT = ("first_choice_agreement", "topk_overlap", "topk_jaccard", "exact_set_agreement", "weight_overlap")
 _DIVERGENCE = ("routing_js", "load_tv", "load_js")
@@ -39,7 +39,7 @@ def compare_html(
     body = [f"<h1>{esc(title or f'Routing compared: {a} vs {b}')}</h1>"]
     rows = _summary_rows(summary)
     if rows:
-        body.append(table(["", ""], rows, caption="Summary"))
+        body.append(kv_table([(str(r[0]), r[1]) for r in rows], caption="Summary"))
     x = layers_df["layer"].tolist()
     charts = []
     agreement = {c.replace("_", " "): layers_df[c] for c in _AGREEMENT if c in layers_df}
@@ -79,4 +79,4 @@ def compare_html(
         if len(moved):
             body.append(table(cols, moved[cols].itertuples(index=False), caption="Experts that moved most"))
     css = HEATMAP_CSS + diverging_css()
-    return document(title or "moe-inspect compare", "".join(body), css=css)
+    return document(title or "moe-inspect compare", "".join(body), css=css, script=HEATMAP_SCRIPT)

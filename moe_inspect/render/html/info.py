@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moe_inspect.params import ModelInfo
-from moe_inspect.render.html.page import document, esc, table
+from moe_inspect.render.html.page import document, esc, kv_table, table
 from moe_inspect.units import human_bytes, human_count
 
 
@@ -15,14 +15,13 @@ def info_html(info: ModelInfo, model: str | None = None) -> str:
     from moe_inspect.render.info import _experts_line, _layers_line, _shared_line
 
     total = info.total_params
-    head = table(
-        ["", ""],
+    head = kv_table(
         [
-            ["Model type", f"{info.model_type} ({info.model_class})"],
-            ["Layers", _layers_line(info)],
-            ["Routed experts", _experts_line(info)],
-            ["Shared experts", _shared_line(info)],
-        ],
+            ("Model type", f"{info.model_type} ({info.model_class})"),
+            ("Layers", _layers_line(info)),
+            ("Routed experts", _experts_line(info)),
+            ("Shared experts", _shared_line(info)),
+        ]
     )
     params = table(
         ["parameters", "count", "exact", "of total"],

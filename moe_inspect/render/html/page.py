@@ -102,6 +102,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "num
     return f'<table class="{cls}">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def kv_table(rows: Sequence[tuple[str, Any]], caption: str | None = None) -> str:
+    """Label / value rows (no header), labels as row headers."""
+    body = "".join(f'<tr><th scope="row">{esc(k)}</th><td>{cell(v)}</td></tr>' for k, v in rows)
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    return f'<table class="num kv">{cap}<tbody>{body}</tbody></table>'
+
+
 class Raw(str):
     """Markup that ``table`` inserts as is."""
 
@@ -147,13 +154,14 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px;border-bott
 table.num{border-collapse:collapse;margin:4px 0 12px;font-variant-numeric:tabular-nums}
 table.num th,table.num td{border:1px solid #ddd;padding:2px 8px;text-align:right}
 table.num th{background:#f3f3f3}table.num td:first-child,table.num th:first-child{text-align:left}
-table.num caption{text-align:left;font-weight:600;padding:2px 0}
+table.num caption{text-align:left;font-weight:600;padding:2px 0;white-space:nowrap}
+table.kv th,table.kv td{text-align:left}
 .legend{list-style:none;padding:0;margin:4px 0 8px;display:flex;flex-wrap:wrap;gap:4px 14px}
 .legend li{display:flex;align-items:center;gap:4px}
 .sw{display:inline-block;width:14px;height:14px;border:1px solid #555}
 .scroll{overflow-x:auto}
 .note{color:#444;font-size:13px}
-figure{margin:8px 0}figcaption{font-size:13px;color:#333}
+figure{margin:8px 0;max-width:440px}figcaption{font-size:13px;color:#333}
 .charts{display:flex;flex-wrap:wrap;gap:12px}
 svg text{font:11px system-ui,"DejaVu Sans",sans-serif;fill:#222}
 :focus-visible{outline:3px solid #0072B2;outline-offset:1px}
