@@ -17,7 +17,7 @@ from moe_inspect.render.tokens import visible_token
 _CSS = """
 .text{white-space:pre-wrap;font:15px/1.9 ui-monospace,"DejaVu Sans Mono",monospace;border:1px solid #ccc;padding:8px;
 max-height:60vh;overflow:auto}
-.t{border-radius:2px;padding:1px 0;cursor:default}
+.t{border-radius:2px;padding:1px 0;cursor:default;box-shadow:inset -1px 0 #fff}
 .t.decode{text-decoration:underline dotted}
 #card{position:sticky;top:0;background:#fff;border:1px solid #333;padding:6px 10px;margin:8px 0;min-height:3em;
 font-size:13px}
