@@ -82,11 +82,13 @@ class Inspector:
         progress: Progress | None = None,
         top_tokens: int = 0,
         min_count: int = 5,
+        top_token_layers: Iterable[int] | None = None,
     ) -> BalanceReport:
         """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
 
         ``top_tokens=N`` also fills ``report.expert_tokens`` (each expert's N most frequent and N highest-lift
-        token ids with at least ``min_count`` assignments) and ``vocab_specialization`` in ``report.layers``.
+        token ids with at least ``min_count`` assignments) and ``vocab_specialization`` in ``report.layers``;
+        ``top_token_layers`` limits the counting (memory: see ``analysis.token_counts``) to those decoder layers.
         """
         if reader is None:
             reader = self.corpus(
@@ -102,8 +104,17 @@ class Inspector:
         }
         if top_tokens < 0 or min_count < 1:
             raise UserError("top_tokens must be >= 0 and min_count >= 1.")
+        top_token_layers = None if top_token_layers is None else set(top_token_layers)
+        if top_tokens and top_token_layers is not None:
+            known = {spec.layer for spec in self.loaded.routers}
+            if not set(top_token_layers) & known:
+                raise UserError(
+                    f"The layers to count tokens in match no MoE layer; this model has MoE layers "
+                    f"{', '.join(map(str, sorted(known)))}."
+                )
         report = run_balance(
-            self.loaded, reader.batches(), tuple(capacity_factors), progress, info, top_tokens, min_count
+            self.loaded, reader.batches(), tuple(capacity_factors), progress, info, top_tokens, min_count,
+            top_token_layers,
         )
         if not reader.lines:
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens

@@ -72,13 +72,15 @@ def run_balance(
     run_info: dict[str, Any] | None = None,
     top_tokens: int = 0,
     min_count: int = 5,
+    token_layers: Iterable[int] | None = None,
 ) -> BalanceReport:
     """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial).
 
-    ``top_tokens`` > 0 also counts token ids per expert (``analysis.token_counts``) for ``expert_tokens``.
+    ``top_tokens`` > 0 also counts token ids per expert (``analysis.token_counts``) for ``expert_tokens``,
+    in the decoder layers ``token_layers`` (default all MoE layers).
     """
     accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
-    counter = TokenCounter(loaded.routers) if top_tokens > 0 else None
+    counter = TokenCounter(loaded.routers, token_layers) if top_tokens > 0 else None
     device = loaded.input_device
     tokens = 0
     partial = False

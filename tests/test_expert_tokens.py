@@ -91,6 +91,18 @@ def test_top_n_and_min_count(mixtral_dir: Path) -> None:
     assert insp.balance(LINES, lines=True).expert_tokens is None
 
 
+def test_token_layers_limit_the_counting(mixtral_dir: Path, tmp_path: Path) -> None:
+    insp = moe_inspect.load(str(mixtral_dir), device="cpu")
+    report = insp.balance(LINES, lines=True, top_tokens=2, top_token_layers=[1])
+    assert report.expert_tokens is not None and set(report.expert_tokens.layer) == {1}
+    assert report.layers.set_index("layer").vocab_specialization.isna().tolist() == [True, False]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    args = ["balance", str(corpus), "-m", str(mixtral_dir), "--device", "cpu", "--lines", "--top-tokens", "2"]
+    result = runner.invoke(app, [*args, "--top-tokens-layers", "7"])
+    assert result.exit_code == 2 and "match no MoE layer" in result.output
+
+
 def test_vocab_specialization_random_baseline() -> None:
     # Ids seen once always score 1; a large id under a uniform load tends to 1/E.
     assert metrics.vocab_specialization_random([1, 1, 1], [0.5, 0.5]) == 1.0

@@ -20,6 +20,7 @@ from moe_inspect.cli.options import (
     ModelOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
+    parse_layers,
 )
 from moe_inspect.corpus import Batch, CorpusReader, check_files
 from moe_inspect.errors import UserError
@@ -65,6 +66,9 @@ def balance(
     min_count: Annotated[
         int, typer.Option("--min-count", min=1, help="Least assignments for a token to be listed by lift.")
     ] = 5,
+    top_tokens_layers: Annotated[
+        str | None, typer.Option("--top-tokens-layers", help="Count tokens only in these layers, e.g. '0,5-7'.")
+    ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = "auto",
@@ -117,7 +121,8 @@ def balance(
             )
 
         report = insp.balance(
-            reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count
+            reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
+            top_token_layers=parse_layers(top_tokens_layers),
         )
     render_balance(report, out)
     balance_extras(report, out, err, html)
