@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers_models import LINES, save_tiny
 from typer.testing import CliRunner
 
 import moe_inspect
 from moe_inspect import metrics, schemas
 from moe_inspect.analysis.token_counts import TokenCounter
+from moe_inspect.capture import capture
 from moe_inspect.cli import app
 
 runner = CliRunner()
@@ -109,3 +111,32 @@ def test_vocab_specialization_random_baseline() -> None:
     assert metrics.vocab_specialization_random([100_000], [0.25] * 4) == pytest.approx(0.25, abs=0.01)
     assert math.isnan(metrics.vocab_specialization_random([0], [1.0]))
     assert np.isclose(metrics.vocab_specialization([[3, 1], [0, 2]]).numpy(), [0.75, 1.0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_token_counter_does_not_sync_with_the_host_and_matches_cpu(mixtral_dir: Path) -> None:
+    """Per router call the counter only launches kernels; the host sees the counts once, in finish()."""
+    text = "\n".join(LINES * 8)
+    cpu = moe_inspect.load(str(mixtral_dir), device="cpu").balance(text, seq_len=16, batch_size=4, top_tokens=50)
+    insp = moe_inspect.load(str(mixtral_dir), device="cuda")
+    batch = next(insp.corpus(text, seq_len=16, batch_size=4).batches())
+    with torch.inference_mode(), capture(insp.loaded.routers) as cap:
+        insp.model(input_ids=batch.input_ids.cuda(), attention_mask=batch.attention_mask.cuda())
+    counter = TokenCounter(insp.loaded.routers)
+    counter.begin_batch(batch.input_ids, batch.attention_mask)
+    for spec, calls in zip(insp.loaded.routers, cap.calls, strict=True):  # warm-up: state allocation
+        counter(spec, calls[0])
+    counter.begin_batch(batch.input_ids, batch.attention_mask)
+    counter._rows_on(torch.device("cuda", torch.cuda.current_device()))  # the one copy per batch
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for spec, calls in zip(insp.loaded.routers, cap.calls, strict=True):
+            counter(spec, calls[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    totals = counter.finish()
+    assert all(t.any_rank.sum() == 2 * batch.tokens * t.spec.top_k for t in totals)
+    gpu = insp.balance(text, seq_len=16, batch_size=4, top_tokens=50)
+    pd.testing.assert_frame_equal(gpu.expert_tokens, cpu.expert_tokens)

@@ -262,3 +262,32 @@ def test_the_harness_sees_requests_and_console_errors(tmp_path: Path, browser: B
     browser.open(page)
     assert any("127.0.0.1:9/x.png" in u for u in browser.requests())
     assert any("boom" in m for m in browser.console_errors())
+
+
+def test_reports_read_without_javascript(mixtral_dir: Path, tmp_path: Path, browser: Browser) -> None:
+    """Scripts off: the route text is coloured by the first layer, the grid and the heatmap are all there."""
+    csv, page = tmp_path / "route.csv", tmp_path / "route.html"
+    args = ["route", TEXT, "-m", str(mixtral_dir), "--device", "cpu", "-q", "--csv", str(csv), "--html", str(page)]
+    assert runner.invoke(app, args).exit_code == 0
+    first = pd.read_csv(csv, keep_default_na=False).query("rank == 0")
+    layer0 = first[first.layer == first.layer.min()].sort_values("position").expert
+    palette = expert_colours(4)
+    browser.call("Emulation.setScriptExecutionDisabled", session=True, value=True)
+    try:
+        browser.open(page)
+        card = browser.evaluate(
+            "(()=>{document.querySelectorAll('.text .t')[2].focus();return document.getElementById('card').textContent})()"
+        )
+        assert card.startswith("Hover or focus")  # the page's script really is off
+        colours = browser.evaluate(
+            "[...document.querySelectorAll('.text .t')].map(e=>getComputedStyle(e).backgroundColor)"
+        )
+        assert colours == [_rgb(palette[e]) for e in layer0]
+        assert browser.evaluate("document.querySelectorAll('#grid tbody tr').length") == first.position.nunique()
+        layers_df, experts_df = _synthetic_balance(3, 8)
+        browser.open(write_html(balance_html(layers_df, experts_df), tmp_path / "b.html"))
+        assert browser.evaluate("document.querySelectorAll('#heatmap td').length") == 24
+        assert browser.evaluate("document.querySelectorAll('svg polyline').length") >= 4
+        _assert_clean(browser)
+    finally:
+        browser.call("Emulation.setScriptExecutionDisabled", session=True, value=False)
