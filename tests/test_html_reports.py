@@ -276,7 +276,8 @@ def test_reports_read_without_javascript(mixtral_dir: Path, tmp_path: Path, brow
     try:
         browser.open(page)
         card = browser.evaluate(
-            "(()=>{document.querySelectorAll('.text .t')[2].focus();return document.getElementById('card').textContent})()"
+            "(()=>{document.querySelectorAll('.text .t')[2].focus();"
+            "return document.getElementById('card').textContent})()"
         )
         assert card.startswith("Hover or focus")  # the page's script really is off
         colours = browser.evaluate(
