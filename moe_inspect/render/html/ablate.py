@@ -53,7 +53,7 @@ def ablate_html(ablation_df: pd.DataFrame, importance_df: pd.DataFrame | None = 
         parts = []
         for layer, rows in ranked.groupby("layer"):
             top = rows.head(3)
-            bottom = rows.tail(3)
+            bottom = rows.tail(3).iloc[::-1]  # least important first
             parts.append([layer, ", ".join(f"{e} ({d:+.4f})" for e, d in zip(top.expert, top.delta_loss, strict=True)),
                           ", ".join(f"{e} ({d:+.4f})" for e, d in zip(bottom.expert, bottom.delta_loss, strict=True))])
         body.append(table(["layer", "most important", "least important"], parts, caption="Per layer"))

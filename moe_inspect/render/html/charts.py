@@ -102,8 +102,16 @@ def sequential_heatmap(frame: pd.DataFrame, value: str, label: str, table_id: st
     body = "".join(
         f'<tr data-layer="{layer}"><th scope="row">{layer}</th>{"".join(c)}</tr>' for layer, c in rows.items()
     )
+    experts = max((len(c) for c in rows.values()), default=0)
+    width = 30 if experts <= 16 else 14 if experts <= 64 else 5 if experts <= 160 else 4
+    head = ""
+    if experts <= 64:
+        head = "<thead><tr><th>layer</th>" + "".join(f"<th>{e}</th>" for e in range(experts)) + "</tr></thead>"
     scale = legend([(sequential(t), f"{t * top:.3g}") for t in (0.0, 0.25, 0.5, 0.75, 1.0)], label)
-    return f'{scale}<div class="scroll"><table class="heat" id="{esc(table_id)}"><tbody>{body}</tbody></table></div>'
+    return (
+        f'{scale}<div class="scroll"><table class="heat" id="{esc(table_id)}" style="--cw:{width}px">'
+        f"{head}<tbody>{body}</tbody></table></div>"
+    )
 
 
 def line_chart(

@@ -60,23 +60,25 @@ def compare_html(
         experts = experts_df.copy()
         experts["E"] = experts.groupby("layer")["expert"].transform("count")
         uniform = 1.0 / experts["E"].to_numpy()
+        body.append('<div class="charts"><section>')
         body.append(f"<h2>Load per expert (share × E): {esc(a)}</h2>")
         body.append(heatmap(experts, "share_a", uniform, f"{a}: share times E", "heatmap-a",
                             dead=experts.get("count_a", experts.share_a * 0) == 0 if "count_a" in experts else None))
-        body.append(f"<h2>Load per expert (share × E): {esc(b)}</h2>")
+        body.append(f"</section><section><h2>Load per expert (share × E): {esc(b)}</h2>")
         body.append(heatmap(experts, "share_b", uniform, f"{b}: share times E", "heatmap-b",
                             dead=experts["count_b"] == 0 if "count_b" in experts else None))
         ratio = np.exp2(experts["log2_ratio"].to_numpy(dtype=float)) if "log2_ratio" in experts else (
             experts.share_b / experts.share_a.replace(0, np.nan)
         ).to_numpy()
         experts["ratio"] = ratio
-        body.append(f"<h2>Difference: {esc(b)} / {esc(a)}</h2>")
+        body.append(f"</section><section><h2>Difference: {esc(b)} / {esc(a)}</h2>")
         body.append(heatmap(experts, "ratio", 1.0, f"share ratio {b} over {a}", "heatmap-diff", unit=f"× {a}"))
+        body.append("</section></div>")
         moved = experts.reindex(experts["share_diff"].abs().sort_values(ascending=False).index).head(20) \
             if "share_diff" in experts else experts.head(0)
         cols = [c for c in ("layer", "expert", "count_a", "count_b", "share_a", "share_b", "share_diff", "log2_ratio")
                 if c in moved]
         if len(moved):
             body.append(table(cols, moved[cols].itertuples(index=False), caption="Experts that moved most"))
-    css = HEATMAP_CSS + diverging_css()
+    css = HEATMAP_CSS + diverging_css() + ".charts section{max-width:100%}.charts .legend{max-width:420px}"
     return document(title or "moe-inspect compare", "".join(body), css=css, script=HEATMAP_SCRIPT)

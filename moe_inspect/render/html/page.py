@@ -99,7 +99,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "num
     head = "".join(f'<th scope="col">{esc(h)}</th>' for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f'<table class="{cls}">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    inner = f"{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+    return f'<div class="scroll"><table class="{cls}">{inner}</table></div>'
 
 
 def kv_table(rows: Sequence[tuple[str, Any]], caption: str | None = None) -> str:
