@@ -204,11 +204,6 @@ def expert_tokens_frame(
 
 def vocab_frame(totals: Sequence[TokenTotals]) -> pd.DataFrame:
     """layer, router, vocab_specialization, vocab_specialization_random: merged into layers.csv."""
-    rows = []
-    for t in totals:
-        value, random = vocab_specialization(t)
-        rows.append(
-            {"layer": t.spec.layer, "router": t.spec.kind, "vocab_specialization": value,
-             "vocab_specialization_random": random}
-        )
-    return pd.DataFrame(rows, columns=["layer", "router", "vocab_specialization", "vocab_specialization_random"])
+    names = [c.name for c in schemas.VOCAB_SPECIALIZATION]
+    rows = [(t.spec.layer, t.spec.kind, *vocab_specialization(t)) for t in totals]
+    return pd.DataFrame(rows, columns=["layer", "router", *names]).astype({n: "float64" for n in names})
