@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ def dump_dom(chromium: str, url: str, timeout: float = 60) -> str:
     return done.stdout
 
 
+def screenshot(chromium: str, url: str, path: Path, size: tuple[int, int] = (1200, 900), timeout: float = 60) -> Path:
+    """`chromium --headless --screenshot=PATH URL`: a PNG of the first screen."""
+    with tempfile.TemporaryDirectory(prefix="moe-chromium-") as profile:
+        subprocess.run(
+            [chromium, *BASE_FLAGS, f"--user-data-dir={profile}", f"--screenshot={path}",
+             f"--window-size={size[0]},{size[1]}", url],
+            capture_output=True, timeout=timeout, check=True,
+        )
+    return path
+
+
 class Browser:
     """One headless Chromium with one page, driven over the DevTools protocol."""
 
@@ -84,8 +96,15 @@ class Browser:
                 break
             seen.append(line)
             if "DevTools listening on " in line:
+                # Keep draining stderr: a full pipe would block Chromium's logging, and so the browser.
+                threading.Thread(target=self._drain, daemon=True).start()
                 return line.split("DevTools listening on ", 1)[1].strip()
         raise RuntimeError("chromium did not start its DevTools server:\n" + "".join(seen[-20:]))
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for _ in self.proc.stderr:
+            pass
 
     def call(self, method: str, session: bool = False, **params: Any) -> dict[str, Any]:
         self._id += 1

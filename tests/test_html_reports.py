@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from browser import Browser, dump_dom, find_chromium
+from browser import Browser, dump_dom, find_chromium, screenshot
 from helpers_models import LINES, save_tiny
 from typer.testing import CliRunner
 
@@ -158,6 +158,7 @@ def test_info_report(tmp_path: Path, browser: Browser) -> None:
     text = browser.evaluate("document.body.innerText")
     assert "Routing rule" in text and "top-2 chosen" in text and "4,396,160" in text
     _assert_not_blank(browser.screenshot(tmp_path / "info.png"))
+    _assert_not_blank(screenshot(CHROMIUM, page.resolve().as_uri(), tmp_path / "info-cli.png"))
 
 
 def _synthetic_balance(layers: int, experts: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
