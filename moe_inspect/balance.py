@@ -80,7 +80,7 @@ def run_balance(
     in the decoder layers ``token_layers`` (default all MoE layers).
     """
     accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
-    counter = TokenCounter(loaded.routers, token_layers) if top_tokens > 0 else None
+    counter = TokenCounter(loaded.routers, token_layers, len(loaded.tokenizer)) if top_tokens > 0 else None
     device = loaded.input_device
     tokens = 0
     partial = False

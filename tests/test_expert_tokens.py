@@ -105,6 +105,16 @@ def test_token_layers_limit_the_counting(mixtral_dir: Path, tmp_path: Path) -> N
     assert result.exit_code == 2 and "match no MoE layer" in result.output
 
 
+def test_counter_rows_never_exceed_the_vocabulary() -> None:
+    counter = TokenCounter([], vocab_size=300)
+    counter.begin_batch(torch.arange(200).view(2, 100), torch.ones(2, 100, dtype=torch.long))
+    assert counter._capacity == 256
+    counter.begin_batch(torch.arange(100, 300).view(2, 100), torch.ones(2, 100, dtype=torch.long))
+    assert counter._capacity == 300  # not 512
+    counter.begin_batch(torch.tensor([[5, 299]]), torch.tensor([[1, 0]]))  # pads are never counted
+    assert len(counter._ids) == 300
+
+
 def test_vocab_specialization_random_baseline() -> None:
     # Ids seen once always score 1; a large id under a uniform load tends to 1/E.
     assert metrics.vocab_specialization_random([1, 1, 1], [0.5, 0.5]) == 1.0

@@ -4,10 +4,10 @@ Memory bound. Token ids are remapped on the host (the corpus reader's ids are CP
 no device sync) to a compact index over the *distinct ids seen so far*, U <= vocabulary. Each counted
 router keeps one int64 tensor of U_cap x C + 1 entries on its own device (C = routed + null experts),
 packing the any-rank count in the low 32 bits and the first-choice count in the high 32 bits, so the
-bound is 8 * U_cap * C bytes per router with U_cap < 2 U (capacity doubles as new ids appear): for
-Mixtral's 32k vocabulary and 8 experts at most 2 MiB a layer, for DeepSeek-V3 (129k ids, 256 experts)
-at most 265 MiB a layer (restrict ``layers`` there). Nothing grows with the number of tokens, and growth
-is decided on the host, so a batch never waits for the device.
+bound is 8 * U_cap * C bytes per router with U_cap = min(< 2 U, V) (capacity doubles as new ids appear,
+up to the vocabulary V): for Mixtral's 32k vocabulary and 8 experts at most 2.0 MiB a layer, for
+DeepSeek-V3 (129,280 ids, 256 experts) at most 253 MiB a layer (restrict ``layers`` there). Nothing grows
+with the number of tokens, and growth is decided on the host, so a batch never waits for the device.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ class TokenCounter:
 
     INITIAL_ROWS = 256
 
-    def __init__(self, routers: Sequence[RouterSpec], layers: Iterable[int] | None = None) -> None:
+    def __init__(
+        self, routers: Sequence[RouterSpec], layers: Iterable[int] | None = None, vocab_size: int | None = None
+    ) -> None:
+        self.vocab_size = vocab_size
         wanted = None if layers is None else set(layers)
         self.routers = [r for r in routers if wanted is None or r.layer in wanted]
         self._indices = {r.index for r in self.routers}
@@ -69,7 +72,10 @@ class TokenCounter:
         self._lookup[fresh] = np.arange(len(self._ids), len(self._ids) + fresh.size)
         self._ids.extend(fresh.tolist())
         if len(self._ids) > self._capacity:
-            self._resize(max(len(self._ids), 2 * self._capacity, self.INITIAL_ROWS))
+            grown = max(2 * self._capacity, self.INITIAL_ROWS)
+            if self.vocab_size is not None:
+                grown = min(grown, self.vocab_size)  # never more rows than ids exist
+            self._resize(max(len(self._ids), grown))
         rows = np.where(real, self._lookup[ids], -1)
         self._rows_cpu = torch.from_numpy(rows)
         self._rows = {}
