@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers_models import LINES, save_tiny
+from tiny_models import LINES
 from typer.testing import CliRunner
 
 import moe_inspect
@@ -23,8 +23,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny("mixtral", tmp_path_factory.mktemp("mixtral_tokens"))
+def mixtral_dir(tiny_dir) -> Path:  # type: ignore[no-untyped-def]
+    return tiny_dir("mixtral")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_counts_equal_route_csvs(
 
 def test_top_n_and_min_count(mixtral_dir: Path) -> None:
     insp = moe_inspect.load(str(mixtral_dir), device="cpu")
-    report = insp.balance(LINES, lines=True, top_tokens=2, min_count=3)
+    report = insp.balance(LINES, top_tokens=2, min_count=3)
     frame = report.expert_tokens
     assert frame is not None
     for (_, _), rows in frame.groupby(["layer", "expert"]):
@@ -97,12 +97,13 @@ def test_token_layers_limit_the_counting(mixtral_dir: Path, tmp_path: Path) -> N
     insp = moe_inspect.load(str(mixtral_dir), device="cpu")
     report = insp.balance(LINES, lines=True, top_tokens=2, top_token_layers=[1])
     assert report.expert_tokens is not None and set(report.expert_tokens.layer) == {1}
-    assert report.layers.set_index("layer").vocab_specialization.isna().tolist() == [True, False]
+    specialization = report.layers.set_index("layer").vocab_specialization
+    assert specialization.notna().to_dict() == {layer: layer == 1 for layer in specialization.index}
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     args = ["balance", str(corpus), "-m", str(mixtral_dir), "--device", "cpu", "--lines", "--top-tokens", "2"]
-    result = runner.invoke(app, [*args, "--top-tokens-layers", "7"])
-    assert result.exit_code == 2 and "match no MoE layer" in result.output
+    result = runner.invoke(app, [*args, "--top-token-layers", "7"])
+    assert result.exit_code == 2 and "--top-token-layers names layer(s) 7 with no router" in result.output
 
 
 def test_counter_rows_never_exceed_the_vocabulary() -> None:

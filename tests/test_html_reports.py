@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from browser import Browser, dump_dom, find_chromium, screenshot
-from helpers_models import LINES, save_tiny
+from tiny_models import EXPERTS, LINES
 from typer.testing import CliRunner
 
 from moe_inspect.cli import app
@@ -41,8 +41,8 @@ def browser() -> Browser:
 
 
 @pytest.fixture(scope="module")
-def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny("mixtral", tmp_path_factory.mktemp("mixtral_html"))
+def mixtral_dir(tiny_dir) -> Path:  # type: ignore[no-untyped-def]
+    return tiny_dir("mixtral")
 
 
 def _rgb(colour: str) -> str:
@@ -85,7 +85,7 @@ def test_route_report_colours_match_the_csv(mixtral_dir: Path, tmp_path: Path, b
     rows = pd.read_csv(csv, keep_default_na=False)
     first = rows[rows["rank"] == 0]
     layers = sorted(first.layer.unique())
-    palette = expert_colours(4)
+    palette = expert_colours(EXPERTS)
     # Without script: the first layer's colours are in the markup itself.
     parser = _Spans()
     parser.feed(page.read_text(encoding="utf-8"))
@@ -272,7 +272,7 @@ def test_reports_read_without_javascript(mixtral_dir: Path, tmp_path: Path, brow
     assert runner.invoke(app, args).exit_code == 0
     first = pd.read_csv(csv, keep_default_na=False).query("rank == 0")
     layer0 = first[first.layer == first.layer.min()].sort_values("position").expert
-    palette = expert_colours(4)
+    palette = expert_colours(EXPERTS)
     browser.call("Emulation.setScriptExecutionDisabled", session=True, value=True)
     try:
         browser.open(page)

@@ -1,1 +1,2 @@
-"""Analysis stage: what is computed from captured routing (token specialisation, and later compare/ablate)."""
+"""Analyses over captured routing: accumulation, balance, comparison, ablation, placement, model outputs,
+token specialisation."""

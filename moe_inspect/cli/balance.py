@@ -8,25 +8,11 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS
-from moe_inspect.cli.common import err, load_for_cli, out, user_errors
-from moe_inspect.cli.options import (
-    DeviceMapOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
-    LoadIn4bitOpt,
-    LoadIn8bitOpt,
-    ModelOpt,
-    RevisionOpt,
-    TrustRemoteCodeOpt,
-    parse_layers,
-)
-from moe_inspect.corpus import Batch, CorpusReader, check_files
+from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
+from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
-from moe_inspect.render.balance import render_balance, write_heatmap_png
-from moe_inspect.render.extras import balance_extras
+from moe_inspect.options import LoadOptions
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 
 BALANCE_EXAMPLES = """Examples:
 
@@ -37,66 +23,82 @@ BALANCE_EXAMPLES = """Examples:
   moe-inspect balance chats.txt --lines --batch-size 16 --max-tokens 200000 --capacity-factor 1.0 --capacity-factor 1.5
 
   zcat big.txt.gz | moe-inspect balance - --plot load.png
+
+  moe-inspect balance code.txt --top-tokens 8 --html balance.html
 """
 
 
 @user_errors
+@with_load_options()
 def balance(
     corpus: Annotated[list[str], typer.Argument(help="UTF-8 text files; '-' reads standard input.")],
-    model: ModelOpt = None,
+    load: LoadOptions,
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 4,
     lines: Annotated[
-        bool, typer.Option("--lines", help="Each non-empty line is its own sequence (padded batches).")
+        bool, flag("--lines", help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
     capacity_factor: Annotated[
         list[float] | None,
-        typer.Option("--capacity-factor", help="Capacity factors for drop-rate what-ifs (repeatable).", min=0.0),
+        typer.Option(
+            "--capacity-factor",
+            help="Capacity factor for the drop-rate what-ifs; repeat it for several.",
+            show_default=", ".join(f"{f:g}" for f in DEFAULT_CAPACITY_FACTORS),
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
     ] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the load heatmap as a PNG (matplotlib).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write the load heatmap as .png, .pdf or .svg (matplotlib).")
+    ] = None,
     top_tokens: Annotated[
         int, typer.Option("--top-tokens", min=0, help="Per expert, the N most frequent and N highest-lift tokens.")
     ] = 0,
     min_count: Annotated[
         int, typer.Option("--min-count", min=1, help="Least assignments for a token to be listed by lift.")
     ] = 5,
-    top_tokens_layers: Annotated[
-        str | None, typer.Option("--top-tokens-layers", help="Count tokens only in these layers, e.g. '0,5-7'.")
+    top_token_layers: Annotated[
+        str | None, typer.Option("--top-token-layers", help="Count tokens only in these layers, e.g. '0,5-7'.")
     ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
-    dtype: DtypeOpt = Dtype.auto,
-    device: DeviceOpt = "auto",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    device_map: DeviceMapOpt = None,
-    load_in_4bit: LoadIn4bitOpt = False,
-    load_in_8bit: LoadIn8bitOpt = False,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
+    from moe_inspect.balance import check_capacity_factors
+    from moe_inspect.corpus import Batch, CorpusReader, check_files
+    from moe_inspect.export import check_output
+    from moe_inspect.render.balance import plot_format, render_balance, write_heatmap_png
+    from moe_inspect.render.extras import balance_page, balance_tables, render_balance_extras
+    from moe_inspect.render.html import write_html
+    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
+
+    output = Output(quiet, json_output)
     if plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'moe-inspect[plot]'.") from None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory.")
+    if out_dir is not None:
+        check_output(out_dir, "--out", folder=True)
+    if plot is not None:
+        check_output(plot, "--plot")
+        plot_format(plot)
+    if html is not None:
+        check_output(html, "--html")
+    token_layers = parse_layers(top_token_layers)
     files = check_files(corpus)
-    model_id, _ = resolve_model(model)
-    tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
-    if seq_len is None:
-        seq_len = min(2048, max_positions(model_id, revision, trust_remote_code) or 2048)
+    model_id, _ = resolve_model(load.model)
+    tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
+    seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
     reader.check_long_enough()
-    factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS
-    insp = load_for_cli(
-        model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit, tokenizer
-    )
+    factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
+    insp = load_for_cli(load, output, tokenizer)
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(
         TextColumn("[bold]routing"),
@@ -107,6 +109,7 @@ def balance(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=quiet,
     ) as progress:
         task = progress.add_task("routing", total=total, tokens=0, rate=0.0)
 
@@ -122,16 +125,25 @@ def balance(
 
         report = insp.balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
-            top_token_layers=parse_layers(top_tokens_layers),
+            top_token_layers=token_layers,
         )
-    render_balance(report, out)
-    balance_extras(report, out, err, html)
-    if out_dir is not None:
-        written = report.write(out_dir)
-        err.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
-    if plot is not None:
-        write_heatmap_png(report.experts, plot, title=f"{insp.loaded.model_id}: expert load / uniform (log2)")
-        err.print(f"Wrote {plot}")
+    if json_output:
+        output.json(balance_tables(report))
+    elif output.tables:
+        render_balance(report, out)
+        render_balance_extras(report, out)
+    title = f"{insp.loaded.model_id}: expert load / uniform (log2)"
+    failures = [
+        save(report.write, out_dir, "--out", output) if out_dir is not None else None,
+        save(lambda path: write_heatmap_png(report.experts, path, title=title), plot, "--plot", output)
+        if plot is not None
+        else None,
+    ]
+    if html is not None:
+        page = balance_page(report)
+        failures.append(save(lambda path: write_html(page, path), html, "--html", output))
+    if any(failures):
+        raise UserError(" ".join(f for f in failures if f))
     if report.partial:
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches routed before Ctrl-C.")
         raise typer.Exit(130)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from moe_inspect.cli.common import err, out, user_errors
-from moe_inspect.cli.options import RevisionOpt, TrustRemoteCodeOpt
-from moe_inspect.loading import resolve_model
-from moe_inspect.params import describe, load_config
-from moe_inspect.render.extras import info_extras
-from moe_inspect.render.info import render_info
+from moe_inspect.cli.common import Output, out, save, user_errors
+from moe_inspect.cli.options import JsonOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
+from moe_inspect.errors import UserError
+from moe_inspect.options import LoadOptions
 
 INFO_EXAMPLES = """Examples:
 
@@ -22,8 +19,9 @@ INFO_EXAMPLES = """Examples:
   moe-inspect info ./my-checkpoint
 
   moe-inspect info fixtures/configs/deepseek-v3/config.json --json
-"""
 
+  moe-inspect info Qwen/Qwen1.5-MoE-A2.7B --html qwen.html
+"""
 
 @user_errors
 def info(
@@ -35,9 +33,8 @@ def info(
             show_default=False,
         ),
     ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of the panel (for scripts).")
-    ] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -47,17 +44,30 @@ def info(
     """
     from transformers.utils import logging as hf_logging
 
+    from moe_inspect.export import check_output
+    from moe_inspect.info import describe
+    from moe_inspect.render.extras import info_page
+    from moe_inspect.render.html import write_html
+    from moe_inspect.render.info import render_info
+    from moe_inspect.source import load_config, resolve_model
+
+    output = Output(quiet, json_output)
+    if html is not None:
+        check_output(html, "--html")
     hf_logging.set_verbosity_error()  # config-conversion chatter would bury the one panel asked for
-    model, is_default = resolve_model(model)
+    options = LoadOptions(model=model, revision=revision, trust_remote_code=trust_remote_code)
+    model_id, is_default = resolve_model(options.model)
     if is_default:
-        err.print(
-            "Using the small demo model shipped with moe-inspect; pass MODEL for a real checkpoint.", soft_wrap=True
-        )
-    config = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
-    with err.status("Building the model on the meta device…"):
-        result = describe(config, trust_remote_code=trust_remote_code)
-    info_extras(result, model, err, html)
+        output.status("Using the small demo model shipped with moe-inspect; pass MODEL for a real checkpoint.")
+    config = load_config(model_id, revision=options.revision, trust_remote_code=options.trust_remote_code)
+    with output.spinner("Building the model on the meta device…"):
+        result = describe(config, trust_remote_code=options.trust_remote_code)
     if json_output:
-        print(json.dumps(result.to_dict(), indent=2))
-        return
-    render_info(result, out)
+        output.json(result.to_dict())
+    elif output.tables:
+        render_info(result, out)
+    if html is not None:
+        page = info_page(result, model_id)
+        failure = save(lambda path: write_html(page, path), html, "--html", output)
+        if failure:
+            raise UserError(failure)

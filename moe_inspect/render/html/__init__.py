@@ -18,5 +18,5 @@ __all__ = ["ablate_html", "balance_html", "compare_html", "info_html", "route_ht
 
 
 def write_html(page: str, path: str | Path) -> Path:
-    """Write ``page`` atomically (a reader never sees half a report)."""
+    """Write ``page`` atomically (a reader never sees half a report), its mode from the umask like every output."""
     return write_text(page, path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moe_inspect.params import ModelInfo
+from moe_inspect.info import ModelInfo
 from moe_inspect.render.html.page import document, esc, kv_table, table
 from moe_inspect.units import human_bytes, human_count
 
@@ -29,10 +29,12 @@ def info_html(info: ModelInfo, model: str | None = None) -> str:
             ["Total", human_count(total), total, "100%"],
             ["Routed experts", human_count(info.routed_expert_params), info.routed_expert_params,
              _share(info.routed_expert_params, total)],
-            ["Active per token, incl. embedding & head", human_count(info.active_params), info.active_params,
+            ["Active per token (all weights)", human_count(info.active_params), info.active_params,
              _share(info.active_params, total)],
-            ["Active per token, excl. input embedding", human_count(info.active_params_excl_input_embedding),
+            ["Active, excl. input embedding", human_count(info.active_params_excl_input_embedding),
              info.active_params_excl_input_embedding, _share(info.active_params_excl_input_embedding, total)],
+            ["Active, non-embedding", human_count(info.active_params_non_embedding),
+             info.active_params_non_embedding, _share(info.active_params_non_embedding, total)],
             ["Embedding" + (" = LM head (tied)" if info.tied_embeddings else ""),
              human_count(info.input_embedding_params), info.input_embedding_params,
              _share(info.input_embedding_params, total)],
