@@ -88,13 +88,23 @@ class Inspector:
         capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
         reader: CorpusReader | None = None,
         progress: Progress | None = None,
+        top_tokens: int = 0,
+        min_count: int = 5,
+        top_token_layers: Iterable[int] | None = None,
         **corpus_options: Any,
     ) -> BalanceReport:
         """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
 
         ``corpus_options`` are those of ``corpus`` (files, seq_len, batch_size, lines, max_tokens, pack): a
         list of texts is a list of documents; ``pack=True`` packs them into full windows.
+        ``top_tokens=N`` also fills ``report.expert_tokens`` (each expert's N most frequent and N highest-lift
+        token ids with at least ``min_count`` assignments) and ``vocab_specialization`` in ``report.layers``;
+        ``top_token_layers`` limits the counting (memory: see ``analysis.token_counts``) to those decoder layers.
         """
+        if top_tokens < 0 or min_count < 1:
+            raise UserError("`top_tokens` must be at least 0 and `min_count` at least 1.")
+        if top_tokens and top_token_layers is not None:
+            top_token_layers = self._check_layers(top_token_layers, "top_token_layers")
         if reader is None:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
@@ -104,7 +114,10 @@ class Inspector:
             "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
-        report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
+        report = run_balance(
+            self.loaded, reader.batches(), tuple(capacity_factors), progress, info, top_tokens, min_count,
+            top_token_layers,
+        )
         report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
         if reader.mode != "lines":
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
@@ -151,14 +164,14 @@ class Inspector:
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
 
-    def _check_layers(self, layers: Iterable[int]) -> set[int]:
+    def _check_layers(self, layers: Iterable[int], name: str = "layers") -> set[int]:
         """The selection, refused when empty or when it names a layer with no router."""
         selected = set(layers)
         known = {spec.layer for spec in self.loaded.routers}
         unknown = selected - known
         if not selected or unknown:
             what = "selects no layer" if not selected else f"names layer(s) {layer_ranges(unknown)} with no router"
-            raise UserError(f"`layers` {what}; this model's MoE layers are {layer_ranges(known)}.")
+            raise UserError(f"`{name}` {what}; this model's MoE layers are {layer_ranges(known)}.")
         return selected
 
     def _token_strings(self, ids: list[int]) -> list[str]:

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
@@ -35,21 +36,25 @@ class BalanceReport:
     experts: pd.DataFrame
     coactivation: pd.DataFrame
     run: dict[str, Any] = field(default_factory=dict)
+    expert_tokens: pd.DataFrame | None = None  # with top_tokens: schemas.EXPERT_TOKENS
 
     @property
     def partial(self) -> bool:
         return bool(self.run.get("partial"))
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """layers.csv, experts.csv, coactivation.csv and run.json, swapped into ``out_dir`` as one set."""
+        """layers.csv, experts.csv, coactivation.csv, expert_tokens.csv (with top_tokens) and run.json, swapped
+        into ``out_dir`` as one set."""
 
         def write_all(out: Path) -> list[Path]:
-            return [
+            written = [
                 write_csv(self.layers, out / "layers.csv"),
                 write_csv(self.experts, out / "experts.csv"),
                 write_csv(self.coactivation, out / "coactivation.csv"),
-                write_json(self.run, out / "run.json"),
             ]
+            if self.expert_tokens is not None:
+                written.append(write_csv(self.expert_tokens, out / "expert_tokens.csv"))
+            return [*written, write_json(self.run, out / "run.json")]
 
         return replace_folder(out_dir, write_all)
 
@@ -78,17 +83,27 @@ def run_balance(
     capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
     progress: Progress | None = None,
     run_info: dict[str, Any] | None = None,
+    top_tokens: int = 0,
+    min_count: int = 5,
+    token_layers: Iterable[int] | None = None,
 ) -> BalanceReport:
-    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial)."""
+    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial).
+
+    ``top_tokens`` > 0 also counts token ids per expert (``analysis.token_counts``) for ``expert_tokens``,
+    in the decoder layers ``token_layers`` (default all MoE layers).
+    """
     accumulator = BalanceAccumulator(loaded.routers, check_capacity_factors(capacity_factors))
+    counter = TokenCounter(loaded.routers, token_layers, len(loaded.tokenizer)) if top_tokens > 0 else None
     device = loaded.input_device
     tokens = 0
     partial = False
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), capture(loaded.routers, sink=accumulator, keep=False):
+        with torch.inference_mode(), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
             for batch in batches:
                 accumulator.begin_batch(batch.attention_mask)
+                if counter is not None:
+                    counter.begin_batch(batch.input_ids, batch.attention_mask)
                 # Positions count real tokens only, so left padding also works for absolute position embeddings.
                 positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
                 loaded.model(
@@ -123,9 +138,17 @@ def run_balance(
         "platform": platform.platform(),
         **(run_info or {}),
     }
-    return BalanceReport(
+    report = BalanceReport(
         layers=layers_frame(totals, capacity_factors),
         experts=experts_frame(totals),
         coactivation=coactivation_frame(totals),
         run=run,
     )
+    if counter is not None:
+        token_totals = counter.finish()
+        report.layers = report.layers.merge(vocab_frame(token_totals), on=["layer", "router"], how="left")
+        report.expert_tokens = expert_tokens_frame(
+            token_totals, lambda i: loaded.tokenizer.decode([i]), top_tokens, min_count
+        )
+        run.update(top_tokens=top_tokens, min_count=min_count)
+    return report

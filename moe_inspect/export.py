@@ -157,3 +157,8 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
 def write_json(data: Any, path: str | Path) -> Path:
     """Write ``data`` as indented JSON atomically."""
     return _atomic(Path(path), lambda handle: handle.write(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8) atomically, honouring the umask: HTML reports."""
+    return _atomic(Path(path), lambda handle: handle.write(text))

@@ -188,7 +188,39 @@ GRADIENTS = Schema(
     ),
 )
 
-ALL = (ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS, ABLATION, ABLATION_LAYERS, IMPORTANCE, GRADIENTS)
+EXPERT_TOKENS = Schema(
+    "expert_tokens",
+    "With --top-tokens N: per (MoE router, routed expert) the N most frequent token ids and the N highest-lift ones.",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("router", "string", "'mlp' or 'attention' (JetMoE)"),
+        Column("expert", "int64", "expert id"),
+        Column("token_id", "int64", "token id"),
+        Column("token", "string", "the token decoded on its own"),
+        Column("count", "int64", "times this token id chose the expert at any rank"),
+        Column("first_choice", "int64", "times this token id had the expert as its rank-0 choice"),
+        Column("share_of_expert", "float64", "count / the expert's assignments"),
+        Column("lift", "float64", "share_of_expert / the token id's share of the corpus (1 = no preference)"),
+        Column("listed", "string", "'frequent', 'lift' (count >= --min-count) or 'both'"),
+    ),
+)
+
+# Appended to layers.csv when token ids are counted (``balance --top-tokens``).
+VOCAB_SPECIALIZATION = (
+    Column(
+        "vocab_specialization",
+        "float64",
+        "OLMoE: per token id, share of its occurrences sent to its most frequent first-choice expert, "
+        "averaged over ids weighted by occurrences",
+    ),
+    Column(
+        "vocab_specialization_random",
+        "float64",
+        "the same if first choices were drawn from the layer's first-choice load regardless of the token",
+    ),
+)
+
+ALL = (ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS, EXPERT_TOKENS, ABLATION, ABLATION_LAYERS, IMPORTANCE, GRADIENTS)
 
 
 def router_label(layer: int, router: str) -> str:

@@ -1,1 +1,2 @@
-"""Analyses over captured routing: accumulation, balance, comparison, ablation, placement, model outputs."""
+"""Analyses over captured routing: accumulation, balance, comparison, ablation, placement, model outputs,
+token specialisation."""

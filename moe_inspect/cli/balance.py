@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
-from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, with_load_options
+from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
 from moe_inspect.errors import UserError
 from moe_inspect.options import LoadOptions
 from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
@@ -23,6 +23,8 @@ BALANCE_EXAMPLES = """Examples:
   moe-inspect balance chats.txt --lines --batch-size 16 --max-tokens 200000 --capacity-factor 1.0 --capacity-factor 1.5
 
   zcat big.txt.gz | moe-inspect balance - --plot load.png
+
+  moe-inspect balance code.txt --top-tokens 8 --html balance.html
 """
 
 
@@ -53,6 +55,16 @@ def balance(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write the load heatmap as .png, .pdf or .svg (matplotlib).")
     ] = None,
+    top_tokens: Annotated[
+        int, typer.Option("--top-tokens", min=0, help="Per expert, the N most frequent and N highest-lift tokens.")
+    ] = 0,
+    min_count: Annotated[
+        int, typer.Option("--min-count", min=1, help="Least assignments for a token to be listed by lift.")
+    ] = 5,
+    top_token_layers: Annotated[
+        str | None, typer.Option("--top-token-layers", help="Count tokens only in these layers, e.g. '0,5-7'.")
+    ] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -61,6 +73,8 @@ def balance(
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
     from moe_inspect.render.balance import plot_format, render_balance, write_heatmap_png
+    from moe_inspect.render.extras import balance_page, balance_tables, render_balance_extras
+    from moe_inspect.render.html import write_html
     from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
@@ -74,6 +88,9 @@ def balance(
     if plot is not None:
         check_output(plot, "--plot")
         plot_format(plot)
+    if html is not None:
+        check_output(html, "--html")
+    token_layers = parse_layers(top_token_layers)
     files = check_files(corpus)
     model_id, _ = resolve_model(load.model)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
@@ -106,13 +123,15 @@ def balance(
                 rate=done / elapsed,
             )
 
-        report = insp.balance(reader=reader, capacity_factors=factors, progress=advance)
-    if json_output:
-        output.json(
-            {"run": report.run, "layers": report.layers, "experts": report.experts, "coactivation": report.coactivation}
+        report = insp.balance(
+            reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
+            top_token_layers=token_layers,
         )
+    if json_output:
+        output.json(balance_tables(report))
     elif output.tables:
         render_balance(report, out)
+        render_balance_extras(report, out)
     title = f"{insp.loaded.model_id}: expert load / uniform (log2)"
     failures = [
         save(report.write, out_dir, "--out", output) if out_dir is not None else None,
@@ -120,6 +139,9 @@ def balance(
         if plot is not None
         else None,
     ]
+    if html is not None:
+        page = balance_page(report)
+        failures.append(save(lambda path: write_html(page, path), html, "--html", output))
     if any(failures):
         raise UserError(" ".join(f for f in failures if f))
     if report.partial:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from moe_inspect.cli.common import Output, out, user_errors
+from moe_inspect.cli.common import Output, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
+from moe_inspect.errors import UserError
 from moe_inspect.options import LoadOptions
 
 INFO_EXAMPLES = """Examples:
@@ -17,6 +19,8 @@ INFO_EXAMPLES = """Examples:
   moe-inspect info ./my-checkpoint
 
   moe-inspect info fixtures/configs/deepseek-v3/config.json --json
+
+  moe-inspect info Qwen/Qwen1.5-MoE-A2.7B --html qwen.html
 """
 
 @user_errors
@@ -31,6 +35,7 @@ def info(
     ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
@@ -39,11 +44,16 @@ def info(
     """
     from transformers.utils import logging as hf_logging
 
+    from moe_inspect.export import check_output
     from moe_inspect.info import describe
+    from moe_inspect.render.extras import info_page
+    from moe_inspect.render.html import write_html
     from moe_inspect.render.info import render_info
     from moe_inspect.source import load_config, resolve_model
 
     output = Output(quiet, json_output)
+    if html is not None:
+        check_output(html, "--html")
     hf_logging.set_verbosity_error()  # config-conversion chatter would bury the one panel asked for
     options = LoadOptions(model=model, revision=revision, trust_remote_code=trust_remote_code)
     model_id, is_default = resolve_model(options.model)
@@ -56,3 +66,8 @@ def info(
         output.json(result.to_dict())
     elif output.tables:
         render_info(result, out)
+    if html is not None:
+        page = info_page(result, model_id)
+        failure = save(lambda path: write_html(page, path), html, "--html", output)
+        if failure:
+            raise UserError(failure)

@@ -22,6 +22,8 @@ ROUTE_EXAMPLES = """Examples:
   cat prompt.txt | moe-inspect route - -m Qwen/Qwen1.5-MoE-A2.7B --csv routes.csv
 
   moe-inspect route "Once upon a time" --generate 20 --csv story.csv
+
+  moe-inspect route "def add(a, b): return a + b" --html route.html
 """
 
 
@@ -54,12 +56,15 @@ def route(
         float, typer.Option("--temperature", min=0.0, help="Sampling temperature for --generate; 0 is greedy.")
     ] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Show the token-to-expert table: for every token and MoE layer, the experts chosen and their weights.
     """
     from moe_inspect.export import check_output, write_csv
+    from moe_inspect.render.extras import route_page
+    from moe_inspect.render.html import write_html
     from moe_inspect.render.route import render_route
     from moe_inspect.source import check_prompt_length, load_tokenizer, max_positions, resolve_model
 
@@ -70,6 +75,8 @@ def route(
     selected = parse_layers(layers)
     if csv is not None:
         check_output(csv, "--csv")
+    if html is not None:
+        check_output(html, "--html")
     model_id, _ = resolve_model(load.model)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     limit = max_positions(model_id, load.revision, load.trust_remote_code)
@@ -80,7 +87,9 @@ def route(
         output.json({**frame.attrs, "rows": frame})
     elif output.tables:
         render_route(frame, out)
-    if csv is not None:
-        failure = save(lambda path: write_csv(frame, path), csv, "--csv", output)
-        if failure:
-            raise UserError(failure)
+    failures = [save(lambda path: write_csv(frame, path), csv, "--csv", output) if csv is not None else None]
+    if html is not None:
+        page = route_page(frame, insp.loaded.routers, insp.loaded.model_id)
+        failures.append(save(lambda path: write_html(page, path), html, "--html", output))
+    if any(failures):
+        raise UserError(" ".join(f for f in failures if f))
