@@ -19,6 +19,7 @@ from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
 from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
+from moe_inspect.model.quantize import QuantOptions, no_grad_context
 from moe_inspect.tables import route_frame, routers_frame
 
 
@@ -120,7 +121,7 @@ class Inspector:
         if input_ids.shape[1] == 0:
             raise ValueError("the prompt tokenized to zero tokens")
         prompt_len = int(input_ids.shape[1])
-        with torch.inference_mode(), capture(self.loaded.routers) as cap:
+        with no_grad_context(self.loaded.model), capture(self.loaded.routers) as cap:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
             else:
@@ -176,6 +177,7 @@ def load(
     device_map: str | None = None,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
+    quant: QuantOptions | None = None,
 ) -> Inspector:
     """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector."""
     return Inspector(
@@ -189,5 +191,6 @@ def load(
             device_map=device_map,
             load_in_4bit=load_in_4bit,
             load_in_8bit=load_in_8bit,
+            quant=quant,
         )
     )

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.export import write_csv, write_json
 from moe_inspect.loading import LoadedModel
+from moe_inspect.model.quantize import no_grad_context
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
 
 DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
@@ -74,7 +74,7 @@ def run_balance(
     partial = False
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), capture(loaded.routers, sink=accumulator, keep=False):
+        with no_grad_context(loaded.model), capture(loaded.routers, sink=accumulator, keep=False):
             for batch in batches:
                 accumulator.begin_batch(batch.attention_mask)
                 # Positions count real tokens only, so left padding also works for absolute position embeddings.

@@ -13,17 +13,21 @@ from moe_inspect.cli.common import err, load_for_cli, out, user_errors
 from moe_inspect.cli.options import (
     DeviceMapOpt,
     DeviceOpt,
+    DoubleQuantOpt,
     Dtype,
     DtypeOpt,
     LoadIn4bitOpt,
     LoadIn8bitOpt,
     ModelOpt,
+    QuantizeOpt,
+    QuantTypeOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
 )
 from moe_inspect.corpus import Batch, CorpusReader, check_files
 from moe_inspect.errors import UserError
 from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
+from moe_inspect.model.quantize import QuantOptions
 from moe_inspect.render.balance import render_balance, write_heatmap_png
 
 BALANCE_EXAMPLES = """Examples:
@@ -65,6 +69,9 @@ def balance(
     device_map: DeviceMapOpt = None,
     load_in_4bit: LoadIn4bitOpt = False,
     load_in_8bit: LoadIn8bitOpt = False,
+    bnb_4bit_quant_type: QuantTypeOpt = "nf4",
+    double_quant: DoubleQuantOpt = False,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
     if plot is not None:
@@ -74,6 +81,7 @@ def balance(
             raise UserError("--plot needs matplotlib: pip install 'moe-inspect[plot]'.") from None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory.")
+    quant = QuantOptions.from_flags(load_in_4bit, load_in_8bit, bnb_4bit_quant_type, double_quant, quantize)
     files = check_files(corpus)
     model_id, _ = resolve_model(model)
     tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
@@ -83,7 +91,7 @@ def balance(
     reader.check_long_enough()
     factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     insp = load_for_cli(
-        model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit, tokenizer
+        model, dtype.value, device, revision, trust_remote_code, device_map, tokenizer=tokenizer, quant=quant
     )
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(

@@ -10,9 +10,11 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moe_inspect.api import Inspector, load
 from moe_inspect.errors import UserError
+from moe_inspect.model.quantize import QuantOptions
 from moe_inspect.units import human_bytes
 
 out = Console(highlight=False)
@@ -29,7 +31,7 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
+            err.print(f"[red]Error:[/red] {escape(str(exc))}", soft_wrap=True)  # '[quant]' is not markup
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -45,6 +47,7 @@ def load_for_cli(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     tokenizer: Any = None,
+    quant: QuantOptions | None = None,
 ) -> Inspector:
     """Load and say in one line what was loaded (and that it is the demo model, when it is)."""
     from transformers.utils import logging as hf_logging
@@ -53,6 +56,9 @@ def load_for_cli(
     # bitsandbytes logs on every int8 matmul that fp32 inputs are cast, and on CPU that an optional
     # kernel package is missing; the status line below says what matters.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao, when installed, is imported by transformers' loader and logs its missing GPU kernels.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         with err.status("Loading model…"):
@@ -66,6 +72,7 @@ def load_for_cli(
                 device_map=device_map,
                 load_in_4bit=load_in_4bit,
                 load_in_8bit=load_in_8bit,
+                quant=quant,
             )
     for warning in caught:
         if "heuristic" in str(warning.message):

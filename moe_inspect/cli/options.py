@@ -63,7 +63,7 @@ LoadIn4bitOpt = Annotated[
     typer.Option(
         "--load-in-4bit",
         rich_help_panel=MODEL_PANEL,
-        help="Quantize with bitsandbytes nf4 (routers stay full precision).",
+        help="Quantize with bitsandbytes 4-bit, routed experts included (routers stay full precision).",
     ),
 ]
 LoadIn8bitOpt = Annotated[
@@ -71,7 +71,29 @@ LoadIn8bitOpt = Annotated[
     typer.Option(
         "--load-in-8bit",
         rich_help_panel=MODEL_PANEL,
-        help="Quantize with bitsandbytes int8 (routers stay full precision).",
+        help="Quantize with bitsandbytes int8, routed experts included (routers stay full precision).",
+    ),
+]
+
+QuantTypeOpt = Annotated[
+    str,
+    typer.Option("--bnb-4bit-quant-type", rich_help_panel=MODEL_PANEL, help="4-bit data type: nf4 or fp4."),
+]
+DoubleQuantOpt = Annotated[
+    bool,
+    typer.Option(
+        "--double-quant",
+        rich_help_panel=MODEL_PANEL,
+        help="With --load-in-4bit: quantize the 4-bit scales too (about 0.4 bits per weight less).",
+    ),
+]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        rich_help_panel=MODEL_PANEL,
+        help="float8: torchao weight-only float8 on the experts and linears (routers stay full precision).",
+        show_default=False,
     ),
 ]
 

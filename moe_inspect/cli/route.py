@@ -12,17 +12,21 @@ from moe_inspect.cli.common import err, load_for_cli, out, user_errors
 from moe_inspect.cli.options import (
     DeviceMapOpt,
     DeviceOpt,
+    DoubleQuantOpt,
     Dtype,
     DtypeOpt,
     LoadIn4bitOpt,
     LoadIn8bitOpt,
     ModelOpt,
+    QuantizeOpt,
+    QuantTypeOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
     parse_layers,
 )
 from moe_inspect.errors import UserError
 from moe_inspect.export import write_csv
+from moe_inspect.model.quantize import QuantOptions
 from moe_inspect.render.route import render_route
 
 ROUTE_EXAMPLES = """Examples:
@@ -62,6 +66,9 @@ def route(
     device_map: DeviceMapOpt = None,
     load_in_4bit: LoadIn4bitOpt = False,
     load_in_8bit: LoadIn8bitOpt = False,
+    bnb_4bit_quant_type: QuantTypeOpt = "nf4",
+    double_quant: DoubleQuantOpt = False,
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Show the token-to-expert table: for every token and MoE layer, the experts chosen and their weights.
     """
@@ -69,7 +76,8 @@ def route(
     if not text.strip():
         raise UserError("The prompt is empty.")
     selected = parse_layers(layers)
-    insp = load_for_cli(model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit)
+    quant = QuantOptions.from_flags(load_in_4bit, load_in_8bit, bnb_4bit_quant_type, double_quant, quantize)
+    insp = load_for_cli(model, dtype.value, device, revision, trust_remote_code, device_map, quant=quant)
     if selected is not None:
         known = {spec.layer for spec in insp.loaded.routers}
         if not selected & known:

@@ -1,0 +1,530 @@
+"""Quantize the routed experts too, while the checkpoint is read, and measure what that really saved.
+
+transformers 5 stores routed experts as fused 3-D parameters (``experts.gate_up_proj`` [E, 2I, H],
+``experts.down_proj`` [E, H, I]; GPT-OSS transposed). Its bitsandbytes integration swaps only exactly-typed
+``nn.Linear`` modules, so "4-bit Mixtral-8x7B" keeps 97% of its weights in bf16. Here transformers' own bnb
+quantizers are subclassed (and registered under their own ``quant_method``) so that the expert tensors go
+through the same per-tensor quantize step as the linears *as each one is read from the checkpoint*: peak memory
+is the quantized model plus one layer's full-precision tensor, never the whole bf16 model.
+
+* 4-bit: ``bitsandbytes.functional.quantize_4bit`` (nf4 or fp4, optional double quantization) at read time,
+  then bitsandbytes' own parametrization (``replace_parameter_4bit_prequantized``) dequantizes on access.
+* 8-bit: bitsandbytes 0.50 has no parameter API for int8, so the experts are quantized with its row-wise
+  ``int8_vectorwise_quant`` (LLM.int8's weight format) and dequantized by the small parametrization below.
+* float8: torchao's weight-only float8 through transformers' torchao integration, targeting the expert tensors
+  by fully-qualified name (``FqnToConfig``) and every other linear by default.
+
+Routers always stay in full precision: their linears are in the skip list and their parameters are never
+expert tensors, so captured routes are those of the model's own (unquantized) routers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_inspect.errors import UserError
+from moe_inspect.routers import RouterSpec, find_routers, moe_block, router_linear_names
+from moe_inspect.units import human_bytes
+
+QUANT_TYPES = ("nf4", "fp4")
+QUANTIZE_METHODS = ("float8",)
+# bitsandbytes' defaults for parameters: 64-element blocks for 4-bit absmax, 256 absmax values per nested block.
+BNB_BLOCKSIZE = 64
+BNB_NESTED_BLOCKSIZE = 256
+_METHOD_4BIT = "moe_inspect_bnb_4bit"
+_METHOD_8BIT = "moe_inspect_bnb_8bit"
+_QUANTIZED_DTYPES = {torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How to quantize on load; one small value so that it can travel inside the loader's options.
+
+    ``bits`` 4 or 8 selects bitsandbytes; ``float8`` selects torchao weight-only float8; neither: no quantization.
+    """
+
+    bits: int | None = None
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    float8: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (None, 4, 8):
+            raise UserError(f"Quantization bits must be 4 or 8, not {self.bits}.")
+        if self.bits and self.float8:
+            raise UserError("Choose one of 4-bit, 8-bit and float8 quantization.")
+        if self.quant_type not in QUANT_TYPES:
+            raise UserError(f"The 4-bit quant type must be nf4 or fp4, not '{self.quant_type}'.")
+        if self.bits != 4 and (self.quant_type != "nf4" or self.double_quant):
+            raise UserError("The 4-bit quant type and double quantization only apply to 4-bit loading.")
+
+    @classmethod
+    def from_flags(
+        cls,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        quant_type: str = "nf4",
+        double_quant: bool = False,
+        quantize: str | None = None,
+    ) -> QuantOptions:
+        """From the command-line flags (one sentence for contradictory ones)."""
+        if load_in_4bit and load_in_8bit:
+            raise UserError("Choose one of --load-in-4bit and --load-in-8bit.")
+        if quantize is not None and quantize not in QUANTIZE_METHODS:
+            raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_METHODS)}, not '{quantize}'.")
+        if quantize and (load_in_4bit or load_in_8bit):
+            raise UserError("Choose one of --quantize and --load-in-4bit/--load-in-8bit.")
+        bits = 4 if load_in_4bit else 8 if load_in_8bit else None
+        return cls(bits=bits, quant_type=quant_type, double_quant=double_quant, float8=quantize == "float8")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None or self.float8
+
+    @property
+    def label(self) -> str | None:
+        """'4bit-nf4', '4bit-fp4-dq', '8bit', 'float8' or None: the run metadata's quantization field."""
+        if self.float8:
+            return "float8"
+        if self.bits == 8:
+            return "8bit"
+        if self.bits == 4:
+            return f"4bit-{self.quant_type}" + ("-dq" if self.double_quant else "")
+        return None
+
+
+# ------------------------------------------------------------------------------------------ what gets quantized
+
+
+def routed_expert_modules(model: nn.Module, routers: list[RouterSpec]) -> list[nn.Module]:
+    """The routed-experts module beside each router (``mlp.experts`` and kin), where it has one."""
+    found: dict[int, nn.Module] = {}
+    for spec in routers:
+        experts = getattr(moe_block(model, spec), "experts", None)
+        if isinstance(experts, nn.Module):
+            found[id(experts)] = experts
+    return list(found.values())
+
+
+def expert_param_names(model: nn.Module, routers: list[RouterSpec]) -> list[str]:
+    """Full names of the fused expert tensors: the floating 3-D parameters of each experts module.
+
+    2-D expert biases (GPT-OSS) stay in full precision, as biases of linears do under bitsandbytes.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    found: list[str] = []
+    for experts in routed_expert_modules(model, routers):
+        prefix = names[id(experts)]
+        for pname, param in experts.named_parameters(recurse=False):
+            if param.dim() == 3 and param.is_floating_point():
+                found.append(f"{prefix}.{pname}")
+    return found
+
+
+def _skeleton(model_id: str, revision: str | None, trust_remote_code: bool) -> nn.Module:
+    """The model built on the meta device: module names without reading or allocating any weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _require_backend(float8: bool) -> None:
+    try:
+        if float8:
+            import torchao  # noqa: F401
+        else:
+            import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        what, package = ("Float8 quantization", "torchao") if float8 else ("4-bit and 8-bit loading", "bitsandbytes")
+        raise UserError(f"{what} needs {package}: pip install 'moe-inspect[quant]'.") from exc
+
+
+def quantization_config(
+    model_id: str,
+    options: QuantOptions,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> Any:
+    """The transformers quantization config for ``options``: routers skipped, expert tensors included.
+
+    Router linears are found on a meta-device copy (nothing is read twice); transformers' bnb integration
+    would otherwise quantize the plain ``nn.Linear`` inside DBRX, HunYuan, Gemma-4, JetMoE, AfMoE, LongCat,
+    Doge and Zaya routers (LongCat then crashes).
+    """
+    _require_backend(options.float8)
+    skeleton = _skeleton(model_id, revision, trust_remote_code)
+    routers = find_routers(skeleton)
+    skip = [*router_linear_names(skeleton, routers), "lm_head"]
+    experts, linears = quantized_names(skeleton, routers)
+    if options.float8:
+        return _torchao_float8_config([*experts, *linears], skip)
+    _register()
+    return bnb_config(options, compute_dtype, skip, experts)
+
+
+def _torchao_float8_config(targets: list[str], skip: list[str]) -> Any:
+    """Weight-only float8 on exactly ``targets`` (expert tensors and linears), named in full."""
+    from torchao.quantization import Float8WeightOnlyConfig, FqnToConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(
+        quant_type=FqnToConfig(dict.fromkeys(targets, Float8WeightOnlyConfig())), modules_to_not_convert=skip
+    )
+
+
+# --------------------------------------------------------------------------- bitsandbytes on fused expert tensors
+
+
+class Int8RowwiseParametrization(nn.Module):
+    """Dequantize an int8 tensor quantized row-wise (one absmax per row of the last dimension) on access.
+
+    The scale is a buffer so that it moves with the module and counts in the footprint.
+    """
+
+    def __init__(self, row_absmax: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("row_absmax", row_absmax)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        # In the compute dtype, so no float32 copy of a whole layer's experts is made on the way.
+        scale = (self.row_absmax / 127.0).to(self.dtype).view(*quantized.shape[:-1], 1)
+        return quantized.to(self.dtype) * scale
+
+
+def quantize_expert_tensor(value: torch.Tensor, bits: int, quant_type: str, double_quant: bool) -> tuple[Any, Any]:
+    """(packed data, state) for one fused expert tensor; the state is what dequantizes it later."""
+    import bitsandbytes.functional as bnb_f
+
+    if bits == 4:
+        packed, state = bnb_f.quantize_4bit(
+            value, blocksize=BNB_BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type
+        )
+        return packed, state
+    rows, row_absmax, _ = bnb_f.int8_vectorwise_quant(value.reshape(-1, value.shape[-1]))
+    return rows.view(value.shape), (row_absmax, value.dtype)
+
+
+def attach_dequantization(module: nn.Module, name: str, bits: int, state: Any) -> None:
+    """Register the parametrization that turns the packed parameter back into the full-precision tensor."""
+    from bitsandbytes.nn import parametrize as bnb_p
+
+    param = getattr(module, name)
+    if bits == 4:
+        bnb_p.replace_parameter_4bit_prequantized(module, name, state.as_dict(packed=True), param.device)
+        return
+    row_absmax, dtype = state
+    torch.nn.utils.parametrize.register_parametrization(
+        module, name, Int8RowwiseParametrization(row_absmax.to(param.device), dtype), unsafe=True
+    )
+    # Dequantize once per forward of the experts module, however often the forward indexes the tensor.
+    module.register_forward_pre_hook(bnb_p._enable_parametrization_cache)
+    module.register_forward_hook(bnb_p._disable_parametrization_cache, always_call=True)
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _register() -> None:
+    """Register the config and the two quantizers with transformers, once per process."""
+    if _CLASSES:
+        return
+    from transformers import BitsAndBytesConfig
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+    )
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+    from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+
+    class ExpertQuantize(ConversionOps):
+        """Expert tensors: packed here, parametrized after loading; everything else: transformers' own op."""
+
+        def __init__(self, quantizer: Any, linear_op: ConversionOps) -> None:
+            self.quantizer = quantizer
+            self.linear_op = linear_op
+
+        def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+            result: dict[str, Any] = {}
+            rest: dict[str, Any] = {}
+            for name, value in input_dict.items():
+                if name not in self.quantizer.expert_names:
+                    rest[name] = value
+                    continue
+                value = value[0] if isinstance(value, list) else value
+                packed, state = quantize_expert_tensor(value, self.quantizer.bits, *self.quantizer.bnb_4bit_options)
+                self.quantizer.expert_states[name] = state
+                result[name] = nn.Parameter(packed, requires_grad=False)
+            if rest:
+                result.update(self.linear_op.convert(rest, **kwargs))
+            return result
+
+    class ExpertsMixin:
+        """Adds the fused expert tensors to what a transformers bnb quantizer quantizes on load."""
+
+        bits: int
+
+        def _process_model_before_weight_loading(self, model: nn.Module, device_map: Any, **kwargs: Any) -> None:
+            super()._process_model_before_weight_loading(model, device_map, **kwargs)  # type: ignore[misc]
+            config = self.quantization_config  # type: ignore[attr-defined]
+            self.expert_names = {
+                n for n in config.expert_params if should_convert_module(n, self.modules_to_not_convert)  # type: ignore[attr-defined]
+            }
+            self.bnb_4bit_options = (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant)
+            self.expert_states: dict[str, Any] = {}
+
+        def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+            return param_name in self.expert_names or super().param_needs_quantization(  # type: ignore[misc]
+                model, param_name, **kwargs
+            )
+
+        def get_quantize_ops(self) -> Any:
+            return ExpertQuantize(self, super().get_quantize_ops())  # type: ignore[misc]
+
+        def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> Any:
+            for name, state in self.expert_states.items():
+                module, pname = get_module_from_name(model, name)
+                attach_dequantization(module, pname, self.bits, state)
+            self.expert_states = {}
+            return super()._process_model_after_weight_loading(model, **kwargs)  # type: ignore[misc]
+
+    class Experts4bitQuantizer(ExpertsMixin, Bnb4BitHfQuantizer):
+        bits = 4
+
+    class Experts8bitQuantizer(ExpertsMixin, Bnb8BitHfQuantizer):
+        bits = 8
+
+    class Config(BitsAndBytesConfig):
+        """BitsAndBytesConfig plus the expert tensor names, under its own quant_method."""
+
+        def __init__(self, options: QuantOptions, compute_dtype: torch.dtype, skip: list[str], experts: list[str]):
+            super().__init__(
+                load_in_4bit=options.bits == 4,
+                load_in_8bit=options.bits == 8,
+                bnb_4bit_quant_type=options.quant_type,
+                bnb_4bit_use_double_quant=options.double_quant,
+                bnb_4bit_compute_dtype=compute_dtype,
+                llm_int8_skip_modules=skip,
+            )
+            self.expert_params = list(experts)
+            self.quant_method = _METHOD_4BIT if options.bits == 4 else _METHOD_8BIT
+
+    for method, quantizer in ((_METHOD_4BIT, Experts4bitQuantizer), (_METHOD_8BIT, Experts8bitQuantizer)):
+        AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(method, Config)
+        AUTO_QUANTIZER_MAPPING.setdefault(method, quantizer)
+    _CLASSES["config"] = Config
+
+
+def bnb_config(
+    options: QuantOptions, compute_dtype: torch.dtype, skip: list[str], experts: list[str]
+) -> Any:
+    """A BitsAndBytesConfig that also quantizes ``experts`` (full parameter names) and skips ``skip``."""
+    _register()
+    return _CLASSES["config"](options, compute_dtype, skip, experts)
+
+
+# ----------------------------------------------------------------------------------------------- real footprint
+
+
+def tensor_storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really holds: the inner tensors of a wrapper subclass (torchao), else numel × itemsize."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        inner, _ = tensor.__tensor_flatten__()
+        return sum(tensor_storage_bytes(getattr(tensor, name)) for name in inner)
+    if tensor.device.type == "meta":
+        return 0
+    return tensor.numel() * tensor.element_size()
+
+
+def _quant_state_tensors(state: Any) -> Iterable[torch.Tensor]:
+    """The tensors of a bitsandbytes QuantState (absmax, code, offset, nested state)."""
+    while state is not None:
+        for name in ("absmax", "code", "offset"):
+            value = getattr(state, name, None)
+            if isinstance(value, torch.Tensor):
+                yield value
+        state = getattr(state, "state2", None) if getattr(state, "nested", False) else None
+
+
+def _is_quantized(tensor: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(tensor) or tensor.dtype in _QUANTIZED_DTYPES
+
+
+@dataclass
+class Footprint:
+    """Bytes of real storage after loading, split the way a user asks about them."""
+
+    total: int = 0
+    experts: int = 0
+    quantized: int = 0
+    full_precision: dict[str, int] = field(default_factory=dict)  # role -> bytes still in a float dtype
+
+    def add(self, role: str, nbytes: int, quantized: bool) -> None:
+        self.total += nbytes
+        if role == "experts":
+            self.experts += nbytes
+        if quantized:
+            self.quantized += nbytes
+        else:
+            self.full_precision[role] = self.full_precision.get(role, 0) + nbytes
+
+
+def _roles(model: nn.Module, routers: list[RouterSpec]) -> dict[int, str]:
+    """id(module) -> 'routers', 'experts' or 'embeddings' for every module under those parts."""
+    roles: dict[int, str] = {}
+    parts: list[tuple[str, nn.Module | None]] = [
+        ("embeddings", model.get_input_embeddings()),
+        ("embeddings", model.get_output_embeddings()),
+        *(("experts", m) for m in routed_expert_modules(model, routers)),
+        *(("routers", spec.module) for spec in routers),
+    ]
+    for role, part in parts:
+        if part is not None:
+            roles.update({id(m): role for m in part.modules()})
+    return roles
+
+
+def measure_footprint(model: nn.Module, routers: list[RouterSpec]) -> Footprint:
+    """Real storage of parameters, buffers and quantization states, each counted once.
+
+    transformers' ``get_memory_footprint()`` counts nominal shapes, which is wrong for torchao subclasses and
+    misses the absmax/scale tensors of quantized weights.
+    """
+    roles = _roles(model, routers)
+    seen: set[int] = set()
+    result = Footprint()
+
+    def add(role: str, tensor: torch.Tensor, quantized: bool) -> None:
+        if id(tensor) in seen:
+            return
+        seen.add(id(tensor))
+        result.add(role, tensor_storage_bytes(tensor), quantized)
+
+    for module in model.modules():
+        role = roles.get(id(module), "other")
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is None:
+                continue
+            # row_absmax of the int8 parametrization is a float buffer, but it is part of the quantized weight
+            add(role, tensor, _is_quantized(tensor) or isinstance(module, Int8RowwiseParametrization))
+            for state_tensor in _quant_state_tensors(getattr(tensor, "quant_state", None)):
+                add(role, state_tensor, True)
+            scb = getattr(tensor, "SCB", None)
+            if isinstance(scb, torch.Tensor):
+                add(role, scb, True)
+        for state_tensor in _quant_state_tensors(getattr(module, "quant_state", None)):
+            add(role, state_tensor, True)
+    return result
+
+
+_ROLE_NAMES = {"routers": "routers", "embeddings": "embeddings and LM head", "experts": "experts", "other": "other"}
+
+
+def quantization_report(model: nn.Module, routers: list[RouterSpec], label: str | None = None) -> str:
+    """One line: real footprint, the experts' share of it, and what stayed in full precision.
+
+    Said plainly when the routed experts were not quantized (a checkpoint or backend that leaves them alone),
+    since that is where nearly all of an MoE model's memory goes.
+    """
+    fp = measure_footprint(model, routers)
+    experts_fp = fp.full_precision.get("experts", 0)
+    share = f"{fp.experts / fp.total:.0%}" if fp.total else "0%"
+    kept = ", ".join(
+        f"{_ROLE_NAMES[role]} {human_bytes(n)}" for role, n in sorted(fp.full_precision.items(), key=lambda x: -x[1])
+    )
+    head = f"{label}: " if label else ""
+    if fp.experts and experts_fp == fp.experts:
+        return (
+            f"{head}{human_bytes(fp.total)} in memory; the routed experts were NOT quantized "
+            f"({human_bytes(fp.experts)}, {share}); kept in full precision: {kept}."
+        )
+    return (
+        f"{head}{human_bytes(fp.total)} in memory (real storage), routed experts {human_bytes(fp.experts)} of it "
+        f"({share}), quantized; kept in full precision: {kept or 'nothing'}."
+    )
+
+
+# ----------------------------------------------------------------------------------- predicted, from the config
+
+PREDICTED_MODES = ("bf16", "8bit", "4bit-nf4", "4bit-nf4-dq", "float8")
+
+
+def quantized_tensor_bytes(numel: int, last_dim: int, mode: str) -> int:
+    """Bytes one weight tensor takes in ``mode``, scales included (bitsandbytes' and torchao's layouts)."""
+    rows = numel // max(last_dim, 1)
+    blocks = math.ceil(numel / BNB_BLOCKSIZE)
+    if mode == "bf16":
+        return 2 * numel
+    if mode in ("8bit", "float8"):  # one int8/fp8 per weight + one float32 scale per row
+        return numel + 4 * rows
+    if mode.endswith("-dq"):  # uint8 absmax per block, float32 absmax per 256 blocks, 256-entry nested code
+        nested = math.ceil(blocks / BNB_NESTED_BLOCKSIZE)
+        return math.ceil(numel / 2) + blocks + 4 * nested + 4 * 256 + 4 + 4 * 16
+    return math.ceil(numel / 2) + 4 * blocks + 4 * 16  # packed nibbles, float32 absmax per block, 16-entry code
+
+
+def quantized_names(model: nn.Module, routers: list[RouterSpec]) -> tuple[list[str], list[str]]:
+    """(expert tensor names, linear module names) that 4-bit/8-bit/float8 loading quantizes.
+
+    Linears follow transformers' bitsandbytes rule (exactly ``nn.Linear``), minus router linears and lm_head.
+    """
+    skip = {*router_linear_names(model, routers)}
+    head = model.get_output_embeddings()
+    linears = [
+        name for name, module in model.named_modules() if type(module) is nn.Linear and name not in skip
+        and module is not head
+    ]
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    linears = [n for n in linears if not any(re.search(rf"(^|\.){re.escape(k)}(\.|$)", n) for k in keep_fp32)]
+    return expert_param_names(model, routers), linears
+
+
+def predicted_footprints(model: nn.Module, routers: list[RouterSpec]) -> dict[str, int]:
+    """Weight bytes of each loading mode, from a (meta-device) model: what ``info --json`` reports.
+
+    Everything not quantized stays bf16; buffers (RoPE tables) are not weights and are left out.
+    """
+    experts, linears = quantized_names(model, routers)
+    quantized = {*experts, *(f"{name}.weight" for name in linears)}
+    totals = dict.fromkeys(PREDICTED_MODES, 0)
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        for mode in PREDICTED_MODES:
+            if name in quantized:
+                totals[mode] += quantized_tensor_bytes(param.numel(), param.shape[-1], mode)
+            else:
+                totals[mode] += 2 * param.numel()
+    return totals
+
+
+def no_grad_context(model: nn.Module) -> Any:
+    """``torch.inference_mode()``, or ``torch.no_grad()`` for models holding tensor subclasses.
+
+    torchao's Float8Tensor weights were made outside inference mode, and viewing them inside it raises
+    "Cannot set version_counter for inference tensor" (torchao 0.18, torch 2.13).
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
+        return torch.no_grad()
+    return torch.inference_mode()
