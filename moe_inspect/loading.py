@@ -22,6 +22,7 @@ from moe_inspect.model.quantize import (
     no_grad_context,
     quantization_config,
     quantization_report,
+    quantized_forward_error,
 )
 from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic
 
@@ -240,7 +241,10 @@ def load(
         is_default=is_default,
     )
     loaded.routers = _routers_for(hf_model, loaded.input_device, trust_remote_code)
-    probe_routers(hf_model, loaded.routers, loaded.input_device)
+    try:
+        probe_routers(hf_model, loaded.routers, loaded.input_device)
+    except RuntimeError as exc:
+        raise quantized_forward_error(quant, exc) from exc
     if quantization:
         loaded.notes.append(quantization_report(hf_model, loaded.routers, quantization))
     return loaded

@@ -20,6 +20,7 @@ expert tensors, so captured routes are those of the model's own (unquantized) ro
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -203,15 +204,39 @@ class Int8RowwiseParametrization(nn.Module):
         return quantized.to(self.dtype) * scale
 
 
+@functools.cache
+def _flat_4bit_class() -> type:
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    class Flat4bitParametrization(Bnb4bitParametrization):
+        """bitsandbytes' 4-bit parametrization over a flattened tensor, handing back the original shape."""
+
+        def __init__(self, quant_state: Any, shape: torch.Size) -> None:
+            super().__init__(quant_state)
+            self.shape = shape
+
+        def forward(self, quantized_param: torch.Tensor) -> torch.Tensor:
+            return super().forward(quantized_param).view(self.shape)
+
+    return Flat4bitParametrization
+
+
+def flat_4bit_parametrization(quant_state: Any, shape: torch.Size) -> nn.Module:
+    """bitsandbytes' Bnb4bitParametrization, reshaping its flat output (bitsandbytes imported on first use)."""
+    return _flat_4bit_class()(quant_state, shape)
+
+
 def quantize_expert_tensor(value: torch.Tensor, bits: int, quant_type: str, double_quant: bool) -> tuple[Any, Any]:
     """(packed data, state) for one fused expert tensor; the state is what dequantizes it later."""
     import bitsandbytes.functional as bnb_f
 
     if bits == 4:
+        # Flattened: bitsandbytes 0.50's CPU (de)quantization garbles tensors whose last dimension is not a
+        # multiple of the block size (mean error 0.36 instead of 0.09 on [8, 64, 32]); 1-D is exact on both.
         packed, state = bnb_f.quantize_4bit(
-            value, blocksize=BNB_BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type
+            value.reshape(-1), blocksize=BNB_BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type
         )
-        return packed, state
+        return packed, (state, value.shape)
     rows, row_absmax, _ = bnb_f.int8_vectorwise_quant(value.reshape(-1, value.shape[-1]))
     return rows.view(value.shape), (row_absmax, value.dtype)
 
@@ -222,12 +247,12 @@ def attach_dequantization(module: nn.Module, name: str, bits: int, state: Any) -
 
     param = getattr(module, name)
     if bits == 4:
-        bnb_p.replace_parameter_4bit_prequantized(module, name, state.as_dict(packed=True), param.device)
-        return
-    row_absmax, dtype = state
-    torch.nn.utils.parametrize.register_parametrization(
-        module, name, Int8RowwiseParametrization(row_absmax.to(param.device), dtype), unsafe=True
-    )
+        quant_state, shape = state
+        parametrization: nn.Module = flat_4bit_parametrization(quant_state, shape)
+    else:
+        row_absmax, dtype = state
+        parametrization = Int8RowwiseParametrization(row_absmax.to(param.device), dtype)
+    torch.nn.utils.parametrize.register_parametrization(module, name, parametrization, unsafe=True)
     # Dequantize once per forward of the experts module, however often the forward indexes the tensor.
     module.register_forward_pre_hook(bnb_p._enable_parametrization_cache)
     module.register_forward_hook(bnb_p._disable_parametrization_cache, always_call=True)
@@ -431,6 +456,10 @@ def measure_footprint(model: nn.Module, routers: list[RouterSpec]) -> Footprint:
                 add(role, scb, True)
         for state_tensor in _quant_state_tensors(getattr(module, "quant_state", None)):
             add(role, state_tensor, True)
+        # Linear8bitLt moves its row scales from the weight to its matmul state on the first forward.
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            add(role, scb, True)
     return result
 
 
@@ -503,6 +532,9 @@ def predicted_footprints(model: nn.Module, routers: list[RouterSpec]) -> dict[st
     """
     experts, linears = quantized_names(model, routers)
     quantized = {*experts, *(f"{name}.weight" for name in linears)}
+    # transformers upcasts these to float32 whenever it loads in bf16 (DeepSeek-V3's router weight)
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    fp32 = [re.compile(rf"(^|\.){re.escape(k)}($|\.)") for k in strict]
     totals = dict.fromkeys(PREDICTED_MODES, 0)
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -513,7 +545,7 @@ def predicted_footprints(model: nn.Module, routers: list[RouterSpec]) -> dict[st
             if name in quantized:
                 totals[mode] += quantized_tensor_bytes(param.numel(), param.shape[-1], mode)
             else:
-                totals[mode] += 2 * param.numel()
+                totals[mode] += (4 if any(p.search(name) for p in fp32) else 2) * param.numel()
     return totals
 
 
@@ -528,3 +560,18 @@ def no_grad_context(model: nn.Module) -> Any:
     if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
         return torch.no_grad()
     return torch.inference_mode()
+
+
+def quantized_forward_error(options: QuantOptions, exc: RuntimeError) -> Exception:
+    """The sentence for a first forward that fails inside a quantization backend; other errors pass through.
+
+    bitsandbytes 0.50's CPU int8 matmul fails on the MLA attention of DeepSeek-V3 and LongCat (``expand_kv``),
+    with plain transformers too.
+    """
+    if not options.enabled:
+        return exc
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(
+        f"The model loaded in {options.label} but its first forward failed inside the quantization backend "
+        f"({first[:120]}); try another quantization mode."
+    )
