@@ -226,6 +226,11 @@ def flat_4bit_parametrization(quant_state: Any, shape: torch.Size) -> nn.Module:
     return _flat_4bit_class()(quant_state, shape)
 
 
+# Elements quantized per call: bitsandbytes' CPU kernels make several float32 temporaries of their input, so a whole
+# [E, 2I, H] tensor at once would cost several times its bf16 size on top; 4M elements keep that to tens of MB.
+QUANT_CHUNK = 1 << 22
+
+
 def quantize_expert_tensor(value: torch.Tensor, bits: int, quant_type: str, double_quant: bool) -> tuple[Any, Any]:
     """(packed data, state) for one fused expert tensor; the state is what dequantizes it later."""
     import bitsandbytes.functional as bnb_f
@@ -233,11 +238,40 @@ def quantize_expert_tensor(value: torch.Tensor, bits: int, quant_type: str, doub
     if bits == 4:
         # Flattened: bitsandbytes 0.50's CPU (de)quantization garbles tensors whose last dimension is not a
         # multiple of the block size (mean error 0.36 instead of 0.09 on [8, 64, 32]); 1-D is exact on both.
-        packed, state = bnb_f.quantize_4bit(
-            value.reshape(-1), blocksize=BNB_BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type
-        )
+        flat = value.reshape(-1)
+        # Written into tensors allocated once: concatenating per-chunk results fragments the heap and keeps RSS high.
+        quantize = torch.ops.bitsandbytes.quantize_4bit.default
+        packed = torch.empty(((flat.numel() + 1) // 2, 1), dtype=torch.uint8, device=value.device)
+        absmax = torch.empty(math.ceil(flat.numel() / BNB_BLOCKSIZE), dtype=torch.float32, device=value.device)
+        for i in range(0, flat.numel(), QUANT_CHUNK):
+            out, chunk_absmax = quantize(flat[i : i + QUANT_CHUNK], BNB_BLOCKSIZE, quant_type, torch.uint8)
+            packed[i // 2 : i // 2 + out.shape[0]] = out.view(-1, 1)
+            absmax[i // BNB_BLOCKSIZE : i // BNB_BLOCKSIZE + chunk_absmax.numel()] = chunk_absmax
+            del out, chunk_absmax
+        code = bnb_f.get_4bit_type(quant_type, device=value.device)
+        # The same QuantState bitsandbytes' quantize_4bit builds (nested statistics included).
+        if double_quant:
+            offset = absmax.mean()
+            nested, state2 = bnb_f.quantize_blockwise(absmax - offset, blocksize=BNB_NESTED_BLOCKSIZE)
+            state = bnb_f.QuantState(
+                absmax=nested, shape=flat.shape, dtype=value.dtype, blocksize=BNB_BLOCKSIZE, code=code,
+                quant_type=quant_type, offset=offset, state2=state2,
+            )
+        else:
+            state = bnb_f.QuantState(
+                absmax=absmax, shape=flat.shape, dtype=value.dtype, blocksize=BNB_BLOCKSIZE, code=code,
+                quant_type=quant_type,
+            )
         return packed, (state, value.shape)
-    rows, row_absmax, _ = bnb_f.int8_vectorwise_quant(value.reshape(-1, value.shape[-1]))
+    rows2d = value.reshape(-1, value.shape[-1])
+    step = max(1, QUANT_CHUNK // rows2d.shape[1])
+    rows = torch.empty(rows2d.shape, dtype=torch.int8, device=value.device)
+    row_absmax = torch.empty(rows2d.shape[0], dtype=torch.float32, device=value.device)
+    for i in range(0, rows2d.shape[0], step):
+        chunk_rows, chunk_absmax, _ = bnb_f.int8_vectorwise_quant(rows2d[i : i + step])
+        rows[i : i + step] = chunk_rows
+        row_absmax[i : i + step] = chunk_absmax
+        del chunk_rows, chunk_absmax
     return rows.view(value.shape), (row_absmax, value.dtype)
 
 
