@@ -18,8 +18,11 @@ from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.model.quantize import (
     QuantOptions,
+    check_prequantized,
     measure_footprint,
     no_grad_context,
+    prequantized_method,
+    prequantized_note,
     quantization_config,
     quantization_report,
     quantized_forward_error,
@@ -211,6 +214,7 @@ def load(
     resolved_device = resolve_device(device)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
     quantization = quant.label
+    prequantized = _prequantized(model_id, quant, revision, trust_remote_code)
     if quant.enabled:
         compute = DTYPES[dtype] if isinstance(DTYPES[dtype], torch.dtype) else torch.bfloat16
         try:
@@ -247,7 +251,22 @@ def load(
         raise quantized_forward_error(quant, exc) from exc
     if quantization:
         loaded.notes.append(quantization_report(hf_model, loaded.routers, quantization))
+    if prequantized:
+        loaded.notes.append(prequantized_note(prequantized, hf_model))
     return loaded
+
+
+def _prequantized(model_id: str, quant: QuantOptions, revision: str | None, trust_remote_code: bool) -> str | None:
+    """The checkpoint's own quantization method, refused in one sentence where it cannot load here."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(model_id, exc) from exc
+    method = prequantized_method(config)
+    check_prequantized(model_id, method, quant)
+    return method
 
 
 def _routers_for(model: nn.Module, input_device: torch.device, trust_remote_code: bool) -> list[RouterSpec]:
