@@ -68,3 +68,42 @@ def write_fp8(bf16_dir: Path, out: Path) -> Path:
         if (bf16_dir / extra).exists():
             (out / extra).write_bytes((bf16_dir / extra).read_bytes())
     return out
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, cols, rows] (GPT-OSS layout) -> blocks [E, rows, cols/32, 16] uint8 and scales [E, rows, cols/32] (e8m0)."""
+    w = weight.float().transpose(1, 2)  # [E, rows, cols]: 32-value groups run along the input dimension
+    experts, rows, cols = w.shape
+    groups = w.reshape(experts, rows, cols // 32, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    index = (scaled[..., None] - FP4_VALUES).abs().argmin(-1).to(torch.uint8)  # nearest FP4 value
+    blocks = index[..., 0::2] | (index[..., 1::2] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def write_mxfp4(bf16_dir: Path, out: Path) -> Path:
+    """A GPT-OSS bf16 save rewritten the way openai/gpt-oss ships: MXFP4 expert blocks and scales, the rest bf16."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(bf16_dir / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = _mxfp4(value)
+        else:
+            tensors[name] = value
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((bf16_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"],
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (bf16_dir / extra).exists():
+            (out / extra).write_bytes((bf16_dir / extra).read_bytes())
+    return out

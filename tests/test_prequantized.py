@@ -58,6 +58,39 @@ def test_fine_grained_fp8_checkpoint_loads_and_routes(fp8_pair, family: str) -> 
     assert (got == want.loc[got.index]).mean() >= 0.9
 
 
+def _agreement(loaded, reference) -> float:
+    frame = Inspector(loaded).route(PROMPT, generate=2)
+    prompt_rows = frame[frame["phase"] != "decode"]
+    keys = ["position", "layer"]
+    got = prompt_rows.groupby(keys)["expert"].apply(frozenset)
+    want = Inspector(reference).route(PROMPT).groupby(keys)["expert"].apply(frozenset)
+    return float((got == want.loc[got.index]).mean())
+
+
+def test_mxfp4_gpt_oss_checkpoint_loads_and_routes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from prequantized_writers import write_mxfp4
+    from tiny_models import save_tiny
+
+    if torch.cuda.is_available():
+        pytest.skip("with Triton and the kernels package on a GPU the experts stay MXFP4")
+    src = save_tiny("gpt_oss", tmp_path / "bf16", dtype=torch.bfloat16)
+    mxfp4 = write_mxfp4(src, tmp_path / "mxfp4")
+    loaded, reference = load(str(mxfp4)), load(str(src))
+    (note,) = loaded.notes
+    assert note.startswith("Pre-quantized MXFP4 checkpoint: dequantized to torch.bfloat16")
+    for spec, ref in zip(loaded.routers, reference.routers, strict=True):
+        assert torch.equal(spec.module.weight, ref.module.weight) and torch.equal(spec.module.bias, ref.module.bias)
+    experts, ref_experts = loaded.model.model.layers[1].mlp.experts, reference.model.model.layers[1].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        got, want = getattr(experts, name).float(), getattr(ref_experts, name).float()
+        assert got.shape == want.shape  # GPT-OSS's transposed [E, H, 2I] layout came back
+        assert (got - want).abs().mean() / want.abs().mean() < 0.15, name  # FP4: ~0.12 on random weights
+    agreement = _agreement(loaded, reference)
+    with capsys.disabled():
+        print(f"\nMXFP4 GPT-OSS: top-k set equal to bf16 on {agreement:.0%} of (token, layer)")
+    assert agreement >= 0.6
+
+
 def test_quantizing_a_quantized_checkpoint_is_one_sentence(fp8_pair) -> None:
     _, fp8 = fp8_pair("qwen3_moe")
     with pytest.raises(UserError, match=r"is already quantized \(fine-grained FP8\); load it without 4bit-nf4"):
