@@ -16,17 +16,9 @@ from torch import nn
 
 from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
-from moe_inspect.model.quantize import (
-    QuantOptions,
-    check_prequantized,
-    measure_footprint,
-    no_grad_context,
-    prequantized_method,
-    prequantized_note,
-    quantization_config,
-    quantization_report,
-    quantized_forward_error,
-)
+from moe_inspect.model.footprint import measure_footprint, quantization_report
+from moe_inspect.model.prequantized import check_prequantized, prequantized_method, prequantized_note
+from moe_inspect.model.quantize import QuantOptions, no_grad_context, quantization_config, quantized_forward_error
 from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic
 
 DTYPES: dict[str, torch.dtype | str] = {

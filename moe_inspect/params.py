@@ -33,7 +33,7 @@ from torch import nn
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.families import facts_for
 from moe_inspect.loading import hub_offline, looks_like_path
-from moe_inspect.model.quantize import predicted_footprints
+from moe_inspect.model.footprint import predicted_footprints
 from moe_inspect.routers import (
     EXPERT_COUNT_ATTRS,
     SHARED_ATTRS,

@@ -100,7 +100,7 @@ def test_quantizing_a_quantized_checkpoint_is_one_sentence(fp8_pair) -> None:
 def test_compressed_tensors_without_its_package_is_one_sentence(
     fp8_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import moe_inspect.model.quantize as quantize
+    import moe_inspect.model.prequantized as prequantized
 
     src, _ = fp8_pair("mixtral")
     folder = tmp_path / "ct"
@@ -110,6 +110,6 @@ def test_compressed_tensors_without_its_package_is_one_sentence(
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized"}
     (folder / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(quantize, "_has_package", lambda name: False)
+    monkeypatch.setattr(prequantized, "_has_package", lambda name: False)
     with pytest.raises(UserError, match=r"is a compressed-tensors checkpoint; reading it needs the compressed-tensors"):
         load(str(folder))

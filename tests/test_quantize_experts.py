@@ -18,13 +18,8 @@ pytest.importorskip("bitsandbytes")
 from moe_inspect.api import Inspector
 from moe_inspect.capture import capture
 from moe_inspect.loading import LoadedModel, load
-from moe_inspect.model.quantize import (
-    QuantOptions,
-    expert_param_names,
-    measure_footprint,
-    predicted_footprints,
-    routed_expert_modules,
-)
+from moe_inspect.model.footprint import measure_footprint, predicted_footprints
+from moe_inspect.model.quantize import QuantOptions, expert_param_names, routed_expert_modules
 
 # GPT-OSS stores its experts transposed ([E, H, 2I]) with 2-D biases beside them.
 FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]

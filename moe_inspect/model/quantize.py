@@ -7,13 +7,14 @@ quantizers are subclassed (and registered under their own ``quant_method``) so t
 through the same per-tensor quantize step as the linears *as each one is read from the checkpoint*: peak memory
 is the quantized model plus one layer's full-precision tensor, never the whole bf16 model.
 
-* 4-bit: ``bitsandbytes.functional.quantize_4bit`` (nf4 or fp4, optional double quantization) at read time,
-  then bitsandbytes' own parametrization (``replace_parameter_4bit_prequantized``) dequantizes on access.
+* 4-bit: bitsandbytes' ``quantize_4bit`` op (nf4 or fp4, optional double quantization) at read time, in chunks,
+  then bitsandbytes' own ``Bnb4bitParametrization`` dequantizes on access.
 * 8-bit: bitsandbytes 0.50 has no parameter API for int8, so the experts are quantized with its row-wise
   ``int8_vectorwise_quant`` (LLM.int8's weight format) and dequantized by the small parametrization below.
 * float8: torchao's weight-only float8 through transformers' torchao integration, targeting the expert tensors
-  by fully-qualified name (``FqnToConfig``) and every other linear by default.
+  and the linears by fully-qualified name (``FqnToConfig``).
 
+What it all costs in memory is measured in ``footprint``; checkpoints that ship quantized are ``prequantized``.
 Routers always stay in full precision: their linears are in the skip list and their parameters are never
 expert tensors, so captured routes are those of the model's own (unquantized) routers.
 """
@@ -23,8 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +32,6 @@ from torch import nn
 
 from moe_inspect.errors import UserError
 from moe_inspect.routers import RouterSpec, find_routers, moe_block, router_linear_names
-from moe_inspect.units import human_bytes
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANTIZE_METHODS = ("float8",)
@@ -41,7 +40,6 @@ BNB_BLOCKSIZE = 64
 BNB_NESTED_BLOCKSIZE = 256
 _METHOD_4BIT = "moe_inspect_bnb_4bit"
 _METHOD_8BIT = "moe_inspect_bnb_8bit"
-_QUANTIZED_DTYPES = {torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -395,154 +393,6 @@ def bnb_config(
     return _CLASSES["config"](options, compute_dtype, skip, experts)
 
 
-# ----------------------------------------------------------------------------------------------- real footprint
-
-
-def tensor_storage_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor really holds: the inner tensors of a wrapper subclass (torchao), else numel × itemsize."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(tensor):
-        inner, _ = tensor.__tensor_flatten__()
-        return sum(tensor_storage_bytes(getattr(tensor, name)) for name in inner)
-    if tensor.device.type == "meta":
-        return 0
-    return tensor.numel() * tensor.element_size()
-
-
-def _quant_state_tensors(state: Any) -> Iterable[torch.Tensor]:
-    """The tensors of a bitsandbytes QuantState (absmax, code, offset, nested state)."""
-    while state is not None:
-        for name in ("absmax", "code", "offset"):
-            value = getattr(state, name, None)
-            if isinstance(value, torch.Tensor):
-                yield value
-        state = getattr(state, "state2", None) if getattr(state, "nested", False) else None
-
-
-def _is_quantized(tensor: torch.Tensor) -> bool:
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    return is_traceable_wrapper_subclass(tensor) or tensor.dtype in _QUANTIZED_DTYPES
-
-
-@dataclass
-class Footprint:
-    """Bytes of real storage after loading, split the way a user asks about them."""
-
-    total: int = 0
-    experts: int = 0
-    quantized: int = 0
-    full_precision: dict[str, int] = field(default_factory=dict)  # role -> bytes still in a float dtype
-
-    def add(self, role: str, nbytes: int, quantized: bool) -> None:
-        self.total += nbytes
-        if role == "experts":
-            self.experts += nbytes
-        if quantized:
-            self.quantized += nbytes
-        else:
-            self.full_precision[role] = self.full_precision.get(role, 0) + nbytes
-
-
-def _roles(model: nn.Module, routers: list[RouterSpec]) -> dict[int, str]:
-    """id(module) -> 'routers', 'experts' or 'embeddings' for every module under those parts."""
-    roles: dict[int, str] = {}
-    parts: list[tuple[str, nn.Module | None]] = [
-        ("embeddings", model.get_input_embeddings()),
-        ("embeddings", model.get_output_embeddings()),
-        *(("experts", m) for m in routed_expert_modules(model, routers)),
-        *(("routers", spec.module) for spec in routers),
-    ]
-    for role, part in parts:
-        if part is not None:
-            roles.update({id(m): role for m in part.modules()})
-    return roles
-
-
-def measure_footprint(model: nn.Module, routers: list[RouterSpec]) -> Footprint:
-    """Real storage of parameters, buffers and quantization states, each counted once.
-
-    transformers' ``get_memory_footprint()`` counts nominal shapes, which is wrong for torchao subclasses and
-    misses the absmax/scale tensors of quantized weights.
-    """
-    roles = _roles(model, routers)
-    seen: set[int] = set()
-    result = Footprint()
-
-    def add(role: str, tensor: torch.Tensor, quantized: bool) -> None:
-        if id(tensor) in seen:
-            return
-        seen.add(id(tensor))
-        result.add(role, tensor_storage_bytes(tensor), quantized)
-
-    for module in model.modules():
-        role = roles.get(id(module), "other")
-        for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is None:
-                continue
-            # row_absmax of the int8 parametrization is a float buffer, but it is part of the quantized weight
-            add(role, tensor, _is_quantized(tensor) or isinstance(module, Int8RowwiseParametrization))
-            for state_tensor in _quant_state_tensors(getattr(tensor, "quant_state", None)):
-                add(role, state_tensor, True)
-            scb = getattr(tensor, "SCB", None)
-            if isinstance(scb, torch.Tensor):
-                add(role, scb, True)
-        for state_tensor in _quant_state_tensors(getattr(module, "quant_state", None)):
-            add(role, state_tensor, True)
-        # Linear8bitLt moves its row scales from the weight to its matmul state on the first forward.
-        scb = getattr(getattr(module, "state", None), "SCB", None)
-        if isinstance(scb, torch.Tensor):
-            add(role, scb, True)
-    return result
-
-
-_ROLE_NAMES = {"routers": "routers", "embeddings": "embeddings and LM head", "experts": "experts", "other": "other"}
-
-
-def quantization_report(model: nn.Module, routers: list[RouterSpec], label: str | None = None) -> str:
-    """One line: real footprint, the experts' share of it, and what stayed in full precision.
-
-    Said plainly when the routed experts were not quantized (a checkpoint or backend that leaves them alone),
-    since that is where nearly all of an MoE model's memory goes.
-    """
-    fp = measure_footprint(model, routers)
-    experts_fp = fp.full_precision.get("experts", 0)
-    share = f"{fp.experts / fp.total:.0%}" if fp.total else "0%"
-    kept = ", ".join(
-        f"{_ROLE_NAMES[role]} {human_bytes(n)}" for role, n in sorted(fp.full_precision.items(), key=lambda x: -x[1])
-    )
-    head = f"{label}: " if label else ""
-    if fp.experts and experts_fp == fp.experts:
-        return (
-            f"{head}{human_bytes(fp.total)} in memory; the routed experts were NOT quantized "
-            f"({human_bytes(fp.experts)}, {share}); kept in full precision: {kept}."
-        )
-    return (
-        f"{head}{human_bytes(fp.total)} in memory (real storage), routed experts {human_bytes(fp.experts)} of it "
-        f"({share}), quantized; kept in full precision: {kept or 'nothing'}."
-    )
-
-
-# ----------------------------------------------------------------------------------- predicted, from the config
-
-PREDICTED_MODES = ("bf16", "8bit", "4bit-nf4", "4bit-nf4-dq", "float8")
-
-
-def quantized_tensor_bytes(numel: int, last_dim: int, mode: str) -> int:
-    """Bytes one weight tensor takes in ``mode``, scales included (bitsandbytes' and torchao's layouts)."""
-    rows = numel // max(last_dim, 1)
-    blocks = math.ceil(numel / BNB_BLOCKSIZE)
-    if mode == "bf16":
-        return 2 * numel
-    if mode in ("8bit", "float8"):  # one int8/fp8 per weight + one float32 scale per row
-        return numel + 4 * rows
-    if mode.endswith("-dq"):  # uint8 absmax per block, float32 absmax per 256 blocks, 256-entry nested code
-        nested = math.ceil(blocks / BNB_NESTED_BLOCKSIZE)
-        return math.ceil(numel / 2) + blocks + 4 * nested + 4 * 256 + 4 + 4 * 16
-    return math.ceil(numel / 2) + 4 * blocks + 4 * 16  # packed nibbles, float32 absmax per block, 16-entry code
-
-
 def quantized_names(model: nn.Module, routers: list[RouterSpec]) -> tuple[list[str], list[str]]:
     """(expert tensor names, linear module names) that 4-bit/8-bit/float8 loading quantizes.
 
@@ -557,30 +407,6 @@ def quantized_names(model: nn.Module, routers: list[RouterSpec]) -> tuple[list[s
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
     linears = [n for n in linears if not any(re.search(rf"(^|\.){re.escape(k)}(\.|$)", n) for k in keep_fp32)]
     return expert_param_names(model, routers), linears
-
-
-def predicted_footprints(model: nn.Module, routers: list[RouterSpec]) -> dict[str, int]:
-    """Weight bytes of each loading mode, from a (meta-device) model: what ``info --json`` reports.
-
-    Everything not quantized stays bf16; buffers (RoPE tables) are not weights and are left out.
-    """
-    experts, linears = quantized_names(model, routers)
-    quantized = {*experts, *(f"{name}.weight" for name in linears)}
-    # transformers upcasts these to float32 whenever it loads in bf16 (DeepSeek-V3's router weight)
-    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or []
-    fp32 = [re.compile(rf"(^|\.){re.escape(k)}($|\.)") for k in strict]
-    totals = dict.fromkeys(PREDICTED_MODES, 0)
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        for mode in PREDICTED_MODES:
-            if name in quantized:
-                totals[mode] += quantized_tensor_bytes(param.numel(), param.shape[-1], mode)
-            else:
-                totals[mode] += (4 if any(p.search(name) for p in fp32) else 2) * param.numel()
-    return totals
 
 
 def no_grad_context(model: nn.Module) -> Any:
@@ -609,60 +435,3 @@ def quantized_forward_error(options: QuantOptions, exc: RuntimeError) -> Excepti
         f"The model loaded in {options.label} but its first forward failed inside the quantization backend "
         f"({first[:120]}); try another quantization mode."
     )
-
-
-# ------------------------------------------------------------------------------------ pre-quantized checkpoints
-
-# quant_method -> (format name, what transformers does without the format's kernel on this machine)
-PREQUANTIZED: dict[str, str] = {
-    "fp8": "fine-grained FP8",
-    "mxfp4": "MXFP4",
-    "compressed-tensors": "compressed-tensors",
-}
-# The Python package a format needs before transformers can read it at all.
-_FORMAT_PACKAGES = {"compressed-tensors": "compressed_tensors"}
-
-
-def _has_package(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def prequantized_method(config: Any) -> str | None:
-    """The ``quant_method`` of a checkpoint that ships quantized weights (its config's quantization_config)."""
-    qc = getattr(config, "quantization_config", None)
-    if qc is None and hasattr(config, "get_text_config"):
-        qc = getattr(config.get_text_config(decoder=True), "quantization_config", None)
-    if qc is None:
-        return None
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return str(getattr(method, "value", method)) if method is not None else None
-
-
-def check_prequantized(model_id: str, method: str | None, options: QuantOptions) -> None:
-    """One sentence for what cannot work: quantizing again, or a format whose reader is not installed."""
-    if method is None:
-        return
-    name = PREQUANTIZED.get(method, method)
-    if options.enabled:
-        raise UserError(f"'{model_id}' is already quantized ({name}); load it without {options.label} quantization.")
-    package = _FORMAT_PACKAGES.get(method)
-    if package and not _has_package(package):
-        raise UserError(
-            f"'{model_id}' is a {name} checkpoint; reading it needs the {package.replace('_', '-')} package "
-            f"(pip install {package.replace('_', '-')})."
-        )
-
-
-def prequantized_note(method: str, model: nn.Module) -> str:
-    """Whether the shipped format was kept (a kernel exists here) or dequantized at load, said in one line."""
-    name = PREQUANTIZED.get(method, method)
-    kept = getattr(model.config, "quantization_config", None)
-    dequantized = kept is None or bool(getattr(kept, "dequantize", False))
-    if dequantized:
-        return (
-            f"Pre-quantized {name} checkpoint: dequantized to {next(model.parameters()).dtype} at load, since this "
-            "machine has no kernel for the format (routes are those of the dequantized weights)."
-        )
-    return f"Pre-quantized {name} checkpoint: weights kept in {name}."

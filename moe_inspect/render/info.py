@@ -113,7 +113,7 @@ def render_info(info: ModelInfo, console: Console) -> None:
         "GiB = 2^30 bytes. Weights only: no KV cache, activations or quantization scales.", style="dim"
     )
     parts: list[object] = [header, Text(""), params, Text(""), memory, memory_note]
-    if info.load_footprint:  # what each loading mode holds (moe_inspect.model.quantize.predicted_footprints)
+    if info.load_footprint:  # what each loading mode holds (moe_inspect.model.footprint.predicted_footprints)
         modes = " · ".join(f"{mode} {human_bytes(n)}" for mode, n in info.load_footprint.items())
         parts.append(Text(f"Loaded, experts quantized too, scales included: {modes}", style="dim"))
     for note in info.notes:
