@@ -107,3 +107,34 @@ def write_mxfp4(bf16_dir: Path, out: Path) -> Path:
         if (bf16_dir / extra).exists():
             (out / extra).write_bytes((bf16_dir / extra).read_bytes())
     return out
+
+
+def write_compressed_tensors(bf16_dir: Path, out: Path) -> Path:
+    """A bf16 save rewritten as a compressed-tensors "float-quantized" checkpoint (llm-compressor's FP8 W8 scheme):
+    every ``nn.Linear`` weight in float8_e4m3fn with a per-output-channel ``weight_scale``; the router gate and the
+    LM head ignored. Fused experts are not ``nn.Linear``, so they stay bf16, as llm-compressor leaves them."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(bf16_dir / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name.endswith("_proj.weight") and value.dim() == 2 and not name.endswith("mlp.gate.weight"):
+            scale = value.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+            tensors[name] = (value.float() / scale).to(torch.float8_e4m3fn)
+            tensors[name.removesuffix("weight") + "weight_scale"] = scale.to(torch.bfloat16)
+        else:
+            tensors[name] = value
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((bf16_dir / "config.json").read_text())
+    weights = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head", "re:.*mlp.gate$"],
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (bf16_dir / extra).exists():
+            (out / extra).write_bytes((bf16_dir / extra).read_bytes())
+    return out

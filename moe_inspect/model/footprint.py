@@ -51,7 +51,8 @@ def _quant_state_tensors(state: Any) -> Iterable[torch.Tensor]:
         state = getattr(state, "state2", None) if getattr(state, "nested", False) else None
 
 
-def _is_quantized(tensor: torch.Tensor) -> bool:
+def is_quantized_tensor(tensor: torch.Tensor) -> bool:
+    """Stored in a packed or low-precision form (int8/uint8/float8 storage or a tensor subclass such as torchao's)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     return is_traceable_wrapper_subclass(tensor) or tensor.dtype in _QUANTIZED_DTYPES
@@ -113,7 +114,7 @@ def measure_footprint(model: nn.Module, routers: list[RouterSpec]) -> Footprint:
             if tensor is None:
                 continue
             # row_absmax of the int8 parametrization is a float buffer, but it is part of the quantized weight
-            add(role, tensor, _is_quantized(tensor) or isinstance(module, Int8RowwiseParametrization))
+            add(role, tensor, is_quantized_tensor(tensor) or isinstance(module, Int8RowwiseParametrization))
             for state_tensor in _quant_state_tensors(getattr(tensor, "quant_state", None)):
                 add(role, state_tensor, True)
             scb = getattr(tensor, "SCB", None)

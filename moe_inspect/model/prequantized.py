@@ -57,13 +57,17 @@ def check_prequantized(model_id: str, method: str | None, options: QuantOptions)
 
 
 def prequantized_note(method: str, model: nn.Module) -> str:
-    """Whether the shipped format was kept (a kernel exists here) or dequantized at load, said in one line."""
+    """Whether the shipped format was kept (a kernel exists here) or dequantized at load, said in one line.
+
+    Judged from the weights themselves (any left in a low-precision dtype or a quantized tensor subclass), since
+    each format's config flags it differently (``dequantize``, ``run_compressed``) or drops the config altogether.
+    """
+    from moe_inspect.model.footprint import is_quantized_tensor
+
     name = PREQUANTIZED.get(method, method)
-    kept = getattr(model.config, "quantization_config", None)
-    dequantized = kept is None or bool(getattr(kept, "dequantize", False))
-    if dequantized:
-        return (
-            f"Pre-quantized {name} checkpoint: dequantized to {next(model.parameters()).dtype} at load, since this "
-            "machine has no kernel for the format (routes are those of the dequantized weights)."
-        )
-    return f"Pre-quantized {name} checkpoint: weights kept in {name}."
+    if any(is_quantized_tensor(p) for p in model.parameters()):
+        return f"Pre-quantized {name} checkpoint: weights kept in {name}."
+    return (
+        f"Pre-quantized {name} checkpoint: dequantized to {next(model.parameters()).dtype} at load, since this "
+        "machine has no kernel for the format (routes are those of the dequantized weights)."
+    )
