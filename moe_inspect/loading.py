@@ -17,7 +17,7 @@ from torch import nn
 from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.model.footprint import measure_footprint, quantization_report
-from moe_inspect.model.prequantized import check_prequantized, prequantized_method, prequantized_note
+from moe_inspect.model.prequantized import checkpoint_quantization, prequantized_note
 from moe_inspect.model.quantize import QuantOptions, no_grad_context, quantization_config, quantized_forward_error
 from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic
 
@@ -206,7 +206,7 @@ def load(
     resolved_device = resolve_device(device)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
     quantization = quant.label
-    prequantized = _prequantized(model_id, quant, revision, trust_remote_code)
+    prequantized = checkpoint_quantization(model_id, quant, revision, trust_remote_code)
     if quant.enabled:
         compute = DTYPES[dtype] if isinstance(DTYPES[dtype], torch.dtype) else torch.bfloat16
         try:
@@ -246,19 +246,6 @@ def load(
     if prequantized:
         loaded.notes.append(prequantized_note(prequantized, hf_model))
     return loaded
-
-
-def _prequantized(model_id: str, quant: QuantOptions, revision: str | None, trust_remote_code: bool) -> str | None:
-    """The checkpoint's own quantization method, refused in one sentence where it cannot load here."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise _load_error(model_id, exc) from exc
-    method = prequantized_method(config)
-    check_prequantized(model_id, method, quant)
-    return method
 
 
 def _routers_for(model: nn.Module, input_device: torch.device, trust_remote_code: bool) -> list[RouterSpec]:

@@ -56,6 +56,22 @@ def check_prequantized(model_id: str, method: str | None, options: QuantOptions)
         )
 
 
+def checkpoint_quantization(
+    model_id: str, options: QuantOptions, revision: str | None = None, trust_remote_code: bool = False
+) -> str | None:
+    """The quant_method a checkpoint ships with (None for plain weights), refused in one sentence where it cannot
+    load here. A config that cannot be read is left to ``from_pretrained``, which reports it in its own words."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return None
+    method = prequantized_method(config)
+    check_prequantized(model_id, method, options)
+    return method
+
+
 def prequantized_note(method: str, model: nn.Module) -> str:
     """Whether the shipped format was kept (a kernel exists here) or dequantized at load, said in one line.
 
