@@ -255,3 +255,25 @@ def test_backend_failure_on_first_forward_is_one_sentence(bf16_dir) -> None:
         pytest.skip("the failure is specific to bitsandbytes' CPU int8 matmul")
     with pytest.raises(UserError, match=r"^The model loaded in 8bit but its first forward failed inside the quant"):
         load(bf16_dir("deepseek_v3"), quant=QuantOptions(bits=8))
+
+
+def test_info_json_predicts_mixtral_8x7b_by_hand() -> None:
+    """Mixtral-8x7B's published config, worked by hand: 32 layers of experts gate_up [8, 28672, 4096] and down
+    [8, 4096, 14336], attention q/o 4096² and k/v 1024 × 4096, all quantized; embeddings, LM head (32000 × 4096
+    each), norms and the routers (8 × 4096 per layer) stay bf16."""
+    from moe_inspect.params import describe, load_config
+
+    config = Path(__file__).resolve().parent.parent / "fixtures" / "configs" / "mixtral-8x7b" / "config.json"
+    info = describe(load_config(str(config))).to_dict()
+    tensors = [8 * 28672 * 4096, 8 * 4096 * 14336] * 32 + [4096 * 4096, 1024 * 4096, 1024 * 4096, 4096 * 4096] * 32
+    rows = [8 * 28672, 8 * 4096] * 32 + [4096, 1024, 1024, 4096] * 32
+    kept = 2 * (2 * 32000 * 4096 + (2 * 32 + 1) * 4096 + 32 * 8 * 4096)
+    quantized = sum(tensors)
+    assert quantized + kept // 2 == info["total_params"] == 46_702_792_704
+    expected = {
+        "bf16": 2 * info["total_params"],
+        "8bit": quantized + 4 * sum(rows) + kept,  # int8 + one float32 scale per row
+        "4bit-nf4": quantized // 2 + 4 * quantized // 64 + 64 * len(tensors) + kept,  # + float32 absmax per 64, code
+    }
+    for mode, value in expected.items():
+        assert info["load_footprint"][mode] == value, mode
