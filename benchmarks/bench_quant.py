@@ -66,18 +66,20 @@ def child(model_dir: str, mode: str, corpus: str, tokens: int) -> dict:
     import torch
 
     from moe_inspect.api import Inspector
-    from moe_inspect.loading import load, load_tokenizer
-    from moe_inspect.model.quantize import QuantOptions
+    from moe_inspect.loading import load
+    from moe_inspect.options import LoadOptions
+    from moe_inspect.source import load_tokenizer
 
-    options = {"bf16": QuantOptions(), "8bit": QuantOptions(bits=8), "4bit-nf4": QuantOptions(bits=4)}[mode]
+    fields = {"bf16": {}, "8bit": {"load_in_8bit": True}, "4bit-nf4": {"load_in_4bit": True}}[mode]
+    options = LoadOptions(model_dir, dtype="bfloat16", device="cpu", **fields)
     tokenizer = load_tokenizer(model_dir)
     torch.zeros(1)  # torch's allocator and thread pools exist before the baseline, and so do the backend's libraries
-    if options.enabled:
+    if fields:
         import bitsandbytes  # noqa: F401
     baseline = _status_kib("RssAnon") * 1024
     start = time.perf_counter()
     with AnonPeak() as peak:
-        loaded = load(model_dir, tokenizer=tokenizer, dtype="bfloat16", device="cpu", quant=options)
+        loaded = load(options, tokenizer=tokenizer)
     load_s = time.perf_counter() - start
     result = {
         "mode": mode,
@@ -102,7 +104,7 @@ def build_checkpoint(path: Path) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_balance import build_model
 
-    from moe_inspect.loading import demo_model_path, load_tokenizer
+    from moe_inspect.source import demo_model_path, load_tokenizer
 
     model = build_model(hidden=512, intermediate=1024, layers=6, vocab=32000).to(torch.bfloat16)
     model.save_pretrained(path)

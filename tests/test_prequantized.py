@@ -12,8 +12,14 @@ import torch
 
 from moe_inspect.api import Inspector
 from moe_inspect.errors import UserError
-from moe_inspect.loading import load
-from moe_inspect.model.quantize import QuantOptions
+from moe_inspect.loading import LoadedModel
+from moe_inspect.loading import load as load_options
+from moe_inspect.options import LoadOptions
+
+
+def load(model: str | Path, **fields: object) -> LoadedModel:
+    return load_options(LoadOptions(str(model), **fields))  # type: ignore[arg-type]
+
 
 PROMPT = "def add(a, b): return a + b  # The router sends every token to two experts."
 
@@ -115,7 +121,7 @@ def test_compressed_tensors_checkpoint_loads_and_routes(fp8_pair, tmp_path: Path
 def test_quantizing_a_quantized_checkpoint_is_one_sentence(fp8_pair) -> None:
     _, fp8 = fp8_pair("qwen3_moe")
     with pytest.raises(UserError, match=r"is already quantized \(fine-grained FP8\); load it without 4bit-nf4"):
-        load(fp8, quant=QuantOptions(bits=4))
+        load(fp8, load_in_4bit=True)
 
 
 def test_compressed_tensors_without_its_package_is_one_sentence(

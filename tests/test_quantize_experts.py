@@ -17,16 +17,18 @@ pytest.importorskip("bitsandbytes")
 
 from moe_inspect.api import Inspector
 from moe_inspect.capture import capture
-from moe_inspect.loading import LoadedModel, load
+from moe_inspect.loading import LoadedModel
+from moe_inspect.loading import load as load_options
 from moe_inspect.model.footprint import measure_footprint, predicted_footprints
 from moe_inspect.model.quantize import QuantOptions, expert_param_names, routed_expert_modules
+from moe_inspect.options import LoadOptions
 
 # GPT-OSS stores its experts transposed ([E, H, 2I]) with 2-D biases beside them.
 FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
-MODES = {
-    "4bit-nf4": QuantOptions(bits=4),
-    "4bit-fp4-dq": QuantOptions(bits=4, quant_type="fp4", double_quant=True),
-    "8bit": QuantOptions(bits=8),
+MODES = {  # LoadOptions' quantization fields, by the label the load reports
+    "4bit-nf4": {"load_in_4bit": True},
+    "4bit-fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "double_quant": True},
+    "8bit": {"load_in_8bit": True},
 }
 # bitsandbytes' CPU 4-bit Linear packing needs in_features >= 64 and out_features % 32 == 0; DeepSeek's tiny MLA
 # and shared expert are narrower.
@@ -36,6 +38,11 @@ WIDE_ENOUGH = {
 # Expert storage as a share of the same tensors in bf16 (the issue's bounds).
 MAX_SHARE = {4: 0.30, 8: 0.55}
 PROMPT = "def add(a, b): return a + b  # The router sends every token to two experts."
+
+
+
+def load(model: str, **fields: object) -> LoadedModel:
+    return load_options(LoadOptions(model, **fields))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def loads(bf16_dir):
         _skip_refused(family, mode)
         key = (family, mode)
         if key not in cache:
-            cache[key] = load(bf16_dir(family), quant=MODES[mode] if mode else None)
+            cache[key] = load(bf16_dir(family), **(MODES[mode] if mode else {}))
         return cache[key]
 
     return get
@@ -102,7 +109,7 @@ def _capture_with_expert_inputs(loaded: LoadedModel, ids: torch.Tensor):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_experts_are_quantized_and_routers_untouched(loads, family: str, mode: str) -> None:
-    options = MODES[mode]
+    options = QuantOptions.from_load_options(LoadOptions(**MODES[mode]))
     quantized, reference = loads(family, mode), loads(family, None)
     assert quantized.quantization == mode
 
@@ -166,7 +173,7 @@ def test_capture_equals_router_outputs_and_expert_inputs(loads, family: str, mod
 @pytest.mark.parametrize("family", FAMILIES)
 def test_predicted_footprint_matches_the_load(loads, family: str) -> None:
     """info's prediction (from the meta model) equals the measured storage, buffers aside."""
-    from moe_inspect.params import build_meta_model
+    from moe_inspect.info import build_meta_model
     from moe_inspect.routers import find_routers
 
     reference = loads(family, None)
@@ -215,7 +222,7 @@ def _top_k_agreement(frame, reference) -> float:
 
 
 def test_device_map_auto_still_works(bf16_dir) -> None:
-    loaded = load(bf16_dir("mixtral"), quant=QuantOptions(bits=4), device_map="auto")
+    loaded = load(bf16_dir("mixtral"), load_in_4bit=True, device_map="auto")
     packed = loaded.model.model.layers[0].mlp.experts.parametrizations.gate_up_proj.original
     assert packed.dtype == torch.uint8
     ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
@@ -235,7 +242,7 @@ def test_float8_experts_and_linears(bf16_dir) -> None:
     pytest.importorskip("torchao")
     from torchao.quantization import Float8Tensor
 
-    loaded = load(bf16_dir("qwen3_moe"), quant=QuantOptions(float8=True))
+    loaded = load(bf16_dir("qwen3_moe"), quantize="float8")
     reference = load(bf16_dir("qwen3_moe"))
     for name in expert_param_names(loaded.model, loaded.routers):
         assert isinstance(loaded.model.get_parameter(name), Float8Tensor), name
@@ -254,14 +261,15 @@ def test_backend_failure_on_first_forward_is_one_sentence(bf16_dir) -> None:
     if torch.cuda.is_available():
         pytest.skip("the failure is specific to bitsandbytes' CPU int8 matmul")
     with pytest.raises(UserError, match=r"^The model loaded in 8bit but its first forward failed inside the quant"):
-        load(bf16_dir("deepseek_v3"), quant=QuantOptions(bits=8))
+        load(bf16_dir("deepseek_v3"), load_in_8bit=True)
 
 
 def test_info_json_predicts_mixtral_8x7b_by_hand() -> None:
     """Mixtral-8x7B's published config, worked by hand: 32 layers of experts gate_up [8, 28672, 4096] and down
     [8, 4096, 14336], attention q/o 4096² and k/v 1024 × 4096, all quantized; embeddings, LM head (32000 × 4096
     each), norms and the routers (8 × 4096 per layer) stay bf16."""
-    from moe_inspect.params import describe, load_config
+    from moe_inspect.info import describe
+    from moe_inspect.source import load_config
 
     config = Path(__file__).resolve().parent.parent / "fixtures" / "configs" / "mixtral-8x7b" / "config.json"
     info = describe(load_config(str(config))).to_dict()

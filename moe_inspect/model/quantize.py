@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from moe_inspect.errors import UserError
+from moe_inspect.options import QUANT_TYPES, LoadOptions
 from moe_inspect.routers import RouterSpec, find_routers, moe_block, router_linear_names
 
-QUANT_TYPES = ("nf4", "fp4")
-QUANTIZE_METHODS = ("float8",)
 # bitsandbytes' defaults for parameters: 64-element blocks for 4-bit absmax, 256 absmax values per nested block.
 BNB_BLOCKSIZE = 64
 BNB_NESTED_BLOCKSIZE = 256
@@ -44,7 +43,7 @@ _METHOD_8BIT = "moe_inspect_bnb_8bit"
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """How to quantize on load; one small value so that it can travel inside the loader's options.
+    """How to quantize on load, read from the quantization fields of ``LoadOptions`` and checked once.
 
     ``bits`` 4 or 8 selects bitsandbytes; ``float8`` selects torchao weight-only float8; neither: no quantization.
     """
@@ -60,28 +59,20 @@ class QuantOptions:
         if self.bits and self.float8:
             raise UserError("Choose one of 4-bit, 8-bit and float8 quantization.")
         if self.quant_type not in QUANT_TYPES:
-            raise UserError(f"The 4-bit quant type must be nf4 or fp4, not '{self.quant_type}'.")
+            raise UserError(f"The `bnb_4bit_quant_type` must be nf4 or fp4, not '{self.quant_type}'.")
         if self.bits != 4 and (self.quant_type != "nf4" or self.double_quant):
-            raise UserError("The 4-bit quant type and double quantization only apply to 4-bit loading.")
+            raise UserError("The `bnb_4bit_quant_type` and `double_quant` only apply to 4-bit loading.")
 
     @classmethod
-    def from_flags(
-        cls,
-        load_in_4bit: bool = False,
-        load_in_8bit: bool = False,
-        quant_type: str = "nf4",
-        double_quant: bool = False,
-        quantize: str | None = None,
-    ) -> QuantOptions:
-        """From the command-line flags (one sentence for contradictory ones)."""
-        if load_in_4bit and load_in_8bit:
-            raise UserError("Choose one of --load-in-4bit and --load-in-8bit.")
-        if quantize is not None and quantize not in QUANTIZE_METHODS:
-            raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_METHODS)}, not '{quantize}'.")
-        if quantize and (load_in_4bit or load_in_8bit):
-            raise UserError("Choose one of --quantize and --load-in-4bit/--load-in-8bit.")
-        bits = 4 if load_in_4bit else 8 if load_in_8bit else None
-        return cls(bits=bits, quant_type=quant_type, double_quant=double_quant, float8=quantize == "float8")
+    def from_load_options(cls, options: LoadOptions) -> QuantOptions:
+        """The quantization part of one ``LoadOptions`` (which stays free of torch, so holds plain fields and
+        has already refused contradictory ones)."""
+        return cls(
+            bits=4 if options.load_in_4bit else 8 if options.load_in_8bit else None,
+            quant_type=options.bnb_4bit_quant_type,
+            double_quant=options.double_quant,
+            float8=options.quantize == "float8",
+        )
 
     @property
     def enabled(self) -> bool:

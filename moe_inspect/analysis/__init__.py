@@ -1,0 +1,1 @@
+"""Analyses over captured routing: accumulation, balance, comparison, ablation, placement, model outputs."""
