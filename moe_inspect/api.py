@@ -22,6 +22,7 @@ from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
 from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
+from moe_inspect.model.quantize import no_grad_context
 from moe_inspect.options import LoadOptions
 from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
 from moe_inspect.tables import route_frame, routers_frame
@@ -197,7 +198,7 @@ class Inspector:
             raise UserError("The prompt tokenized to zero tokens.")
         prompt_len = int(input_ids.shape[1])
         check_prompt_length(prompt_len, generate, positions_limit(self.model.config))
-        with torch.inference_mode(), capture(self.loaded.routers) as cap:
+        with no_grad_context(self.loaded.model), capture(self.loaded.routers) as cap:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
             else:
@@ -248,7 +249,7 @@ def load(model: str | LoadOptions | None = None, *, tokenizer: Any = None, **fie
     """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector.
 
     ``fields`` are those of ``LoadOptions`` (dtype, device, revision, trust_remote_code, device_map,
-    load_in_4bit, load_in_8bit); or pass one ``LoadOptions`` as ``model``.
+    load_in_4bit, load_in_8bit, bnb_4bit_quant_type, double_quant, quantize); or pass one ``LoadOptions``.
     """
     if isinstance(model, LoadOptions):
         options = replace(model, **fields) if fields else model

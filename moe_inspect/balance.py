@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
@@ -20,6 +19,7 @@ from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
 from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
+from moe_inspect.model.quantize import no_grad_context
 from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
 
@@ -99,7 +99,7 @@ def run_balance(
     partial = False
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
+        with no_grad_context(loaded.model), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
             for batch in batches:
                 accumulator.begin_batch(batch.attention_mask)
                 if counter is not None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.families import facts_for
+from moe_inspect.model.footprint import predicted_footprints
 from moe_inspect.routers import (
     EXPERT_COUNT_ATTRS,
     SHARED_ATTRS,
@@ -127,6 +128,8 @@ class ModelInfo:
     routers: list[RouterInfo] = field(default_factory=list)
     heuristic: bool = False
     notes: list[str] = field(default_factory=list)
+    # bytes in memory per loading mode (bf16, 8bit, 4bit-nf4, 4bit-nf4-dq, float8), scales included
+    load_footprint: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
@@ -452,4 +455,5 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         routers=router_infos,
         heuristic=any(r.heuristic for r in routers),
         notes=notes,
+        load_footprint=predicted_footprints(model, routers),
     )

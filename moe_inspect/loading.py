@@ -15,10 +15,12 @@ from torch import nn
 
 from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
+from moe_inspect.model.footprint import measure_footprint, quantization_report
+from moe_inspect.model.prequantized import checkpoint_quantization, prequantized_note
+from moe_inspect.model.quantize import QuantOptions, no_grad_context, quantization_config, quantized_forward_error
 from moe_inspect.options import DTYPE_NAMES, LoadOptions
-from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic, moe_block, router_linear_names
+from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic
 from moe_inspect.source import check_source, load_tokenizer, loader_error, resolve_model
-from moe_inspect.units import human_bytes
 
 DTYPES: dict[str, torch.dtype | str] = {name: name if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -49,8 +51,8 @@ class LoadedModel:
         return str(getattr(self.model.config, "model_type", "unknown"))
 
     def footprint_bytes(self) -> int:
-        """Bytes held by parameters and buffers, as loaded (after any quantization)."""
-        return int(self.model.get_memory_footprint())
+        """Bytes really held by parameters, buffers and quantization scales, as loaded."""
+        return measure_footprint(self.model, self.routers).total
 
 
 def resolve_device(device: str) -> str:
@@ -68,42 +70,6 @@ def resolve_device(device: str) -> str:
     raise UserError(f"The `device` must be auto, cpu, cuda or cuda:N, not '{device}'.")
 
 
-def quantization_config(
-    model_id: str,
-    load_in_4bit: bool,
-    load_in_8bit: bool,
-    revision: str | None,
-    trust_remote_code: bool,
-    compute_dtype: torch.dtype = torch.bfloat16,
-) -> Any:
-    """A BitsAndBytesConfig that keeps every router linear in full precision.
-
-    transformers' bitsandbytes integration replaces every exactly-typed nn.Linear, including the ones
-    inside DBRX, HunYuan, Gemma-4, JetMoE, AfMoE, LongCat, Doge and Zaya routers (LongCat then crashes).
-    The names are found on a meta-device copy of the model, so nothing is downloaded twice.
-    """
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise UserError(
-            "4-bit and 8-bit loading need bitsandbytes: pip install 'moe-inspect[quant]'."
-        ) from exc
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    skip = [*router_linear_names(skeleton, find_routers(skeleton)), "lm_head"]
-    if load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=skip,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-
-
 def probe_routers(model: nn.Module, routers: list[RouterSpec], input_device: torch.device) -> None:
     """Run one short forward and take E and k from what each router actually returned.
 
@@ -111,7 +77,7 @@ def probe_routers(model: nn.Module, routers: list[RouterSpec], input_device: tor
     router's own output does not.
     """
     ids = torch.tensor([[1, 2]], device=input_device)
-    with torch.inference_mode(), capture(routers) as cap:
+    with no_grad_context(model), capture(routers) as cap:
         model(input_ids=ids)
     for spec, calls in zip(routers, cap.calls, strict=True):
         if not calls:
@@ -122,48 +88,6 @@ def probe_routers(model: nn.Module, routers: list[RouterSpec], input_device: tor
             spec.num_experts = int(out.logits.shape[-1]) - spec.null_experts
 
 
-_BNB_PARAMS = {"Params4bit", "Int8Params"}
-
-
-def routed_expert_modules(model: nn.Module, routers: list[RouterSpec]) -> list[nn.Module]:
-    """The routed-experts module beside each router (``mlp.experts`` and kin), where it has one."""
-    found: dict[int, nn.Module] = {}
-    for spec in routers:
-        experts = getattr(moe_block(model, spec), "experts", None)
-        if isinstance(experts, nn.Module):
-            found[id(experts)] = experts
-    return list(found.values())
-
-
-def quantization_report(model: nn.Module, routers: list[RouterSpec]) -> str:
-    """One line: footprint, and whether the routed experts were really quantized.
-
-    transformers 5 keeps experts as fused 3-D parameters, which bitsandbytes leaves alone, so 4-bit
-    loading of an MoE model usually saves far less than users expect; say so rather than imply otherwise.
-    """
-    experts = routed_expert_modules(model, routers)
-    params = [p for module in experts for p in module.parameters()]
-    quantized = [p for p in params if type(p).__name__ in _BNB_PARAMS]
-    expert_bytes = sum(p.numel() * p.element_size() for p in params)
-    total = int(model.get_memory_footprint())
-    router_linears = [
-        m for spec in routers for m in spec.module.modules() if type(m).__name__ in {"Linear4bit", "Linear8bitLt"}
-    ]
-    router_note = (
-        "routers kept in full precision" if not router_linears else f"{len(router_linears)} router linears quantized"
-    )
-    if params and not quantized:
-        dtype = str(params[0].dtype).removeprefix("torch.")
-        return (
-            f"Quantized footprint {human_bytes(total)}; routed experts were NOT quantized: transformers stores "
-            f"them as fused 3-D tensors that bitsandbytes skips, so {human_bytes(expert_bytes)} of experts stay "
-            f"{dtype}; {router_note}."
-        )
-    return (
-        f"Quantized footprint {human_bytes(total)}; {len(quantized)} routed-expert tensors quantized; {router_note}."
-    )
-
-
 def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
     """Load model + tokenizer + routers; every user-caused failure is a UserError with one sentence."""
     from transformers import AutoModelForCausalLM
@@ -171,24 +95,22 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
     model_id, is_default = resolve_model(options.model)
     if options.dtype not in DTYPES:
         raise UserError(f"The `dtype` must be one of {', '.join(DTYPES)}, not '{options.dtype}'.")
-    if options.load_in_4bit and options.load_in_8bit:
-        raise UserError("Choose one of `load_in_4bit` and `load_in_8bit`.")
+    quant = QuantOptions.from_load_options(options)
     check_source(model_id, revision=options.revision)
     resolved_device = resolve_device(options.device)
     kwargs: dict[str, Any] = {
         "revision": options.revision, "trust_remote_code": options.trust_remote_code, "dtype": DTYPES[options.dtype]
     }
-    quantization = None
-    if options.load_in_4bit or options.load_in_8bit:
+    quantization = quant.label
+    prequantized = checkpoint_quantization(model_id, quant, options.revision, options.trust_remote_code)
+    if quant.enabled:
         compute = DTYPES[options.dtype] if isinstance(DTYPES[options.dtype], torch.dtype) else torch.bfloat16
         try:
             kwargs["quantization_config"] = quantization_config(
-                model_id, options.load_in_4bit, options.load_in_8bit, options.revision, options.trust_remote_code,
-                compute,
+                model_id, quant, options.revision, options.trust_remote_code, compute
             )
         except (OSError, ValueError, KeyError) as exc:
             raise loader_error(model_id, exc) from exc
-        quantization = "4bit-nf4" if options.load_in_4bit else "8bit"
     if options.device_map:
         kwargs["device_map"] = options.device_map
     elif resolved_device != "cpu" or quantization:
@@ -213,9 +135,14 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         is_default=is_default,
     )
     loaded.routers = _routers_for(hf_model, loaded.input_device, options.trust_remote_code)
-    probe_routers(hf_model, loaded.routers, loaded.input_device)
+    try:
+        probe_routers(hf_model, loaded.routers, loaded.input_device)
+    except RuntimeError as exc:
+        raise quantized_forward_error(quant, exc) from exc
     if quantization:
-        loaded.notes.append(quantization_report(hf_model, loaded.routers))
+        loaded.notes.append(quantization_report(hf_model, loaded.routers, quantization))
+    if prequantized:
+        loaded.notes.append(prequantized_note(prequantized, hf_model))
     return loaded
 
 

@@ -424,13 +424,15 @@ def _randomize_routing(model: PreTrainedModel, generator: torch.Generator) -> No
                 tensor.copy_(rows[:, : tensor.shape[1]])
 
 
-def build_tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build_tiny_model(
+    model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> PreTrainedModel:
     """Random tiny model of ``model_type`` in eval mode, with informative routers and non-zero biases.
 
     Other dtypes go through save + ``from_pretrained(dtype=...)``, so ``_keep_in_fp32_modules_strict`` is applied
     as for a real checkpoint (a plain bf16 build crashes Inkling-2, whose router upcasts only its input).
     """
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -443,12 +445,17 @@ def build_tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.
 
 
 def save_tiny(
-    model_type: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, bos: bool = False
+    model_type: str,
+    path: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    bos: bool = False,
+    **overrides: Any,
 ) -> Path:
     """Build, then save model + tokenizer (``bos``: one that prefixes <s>) to ``path`` for ``from_pretrained``."""
     path = Path(path)
     tokenizer = train_tiny_tokenizer(bos)
-    model = build_tiny_model(model_type, seed=seed, dtype=dtype)
+    model = build_tiny_model(model_type, seed=seed, dtype=dtype, **overrides)
     for key in ("pad", "bos", "eos"):
         token_id = getattr(tokenizer, f"{key}_token_id")
         setattr(model.config, f"{key}_token_id", token_id)

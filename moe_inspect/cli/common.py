@@ -111,6 +111,10 @@ def _quiet_libraries() -> Iterator[list[warnings.WarningMessage]]:
     # bitsandbytes logs on every int8 matmul that fp32 inputs are cast, and on CPU that an optional
     # kernel package is missing; the status line below says what matters.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao, when installed, is imported by transformers' loader and logs its missing GPU kernels; transformers'
+    # quantizers warn that a pre-quantized checkpoint is dequantized, which the status line says too.
+    for name in ("torchao", "torch.utils._pytree", "transformers.quantizers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         yield caught

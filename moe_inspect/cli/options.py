@@ -50,8 +50,14 @@ _LOAD_FIELDS: tuple[tuple[str, str | None, Any, str], ...] = (
         "device_map", None, str | None,
         "accelerate device map, e.g. 'auto' to spread a model over GPUs with CPU offload.",
     ),
-    ("load_in_4bit", None, bool, "Quantize with bitsandbytes nf4 (routers stay full precision)."),
-    ("load_in_8bit", None, bool, "Quantize with bitsandbytes int8 (routers stay full precision)."),
+    ("load_in_4bit", None, bool, "bitsandbytes 4-bit, routed experts included (routers stay full precision)."),
+    ("load_in_8bit", None, bool, "bitsandbytes int8, routed experts included (routers stay full precision)."),
+    ("bnb_4bit_quant_type", None, str, "4-bit data type: nf4 or fp4."),
+    ("double_quant", None, bool, "With 4-bit loading: quantize the 4-bit scales too (about 0.4 bits per weight less)."),
+    (
+        "quantize", None, str | None,
+        "float8: torchao weight-only float8 on the experts and linears (routers stay full precision).",
+    ),
 )
 
 

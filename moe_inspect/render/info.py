@@ -102,6 +102,9 @@ def render_info(info: ModelInfo, console: Console) -> None:
         "GiB = 2^30 bytes. Weights only: no KV cache, activations or quantization scales.", style="dim"
     )
     parts: list[object] = [header, Text(""), params, active_note, Text(""), memory, memory_note]
+    if info.load_footprint:  # what each loading mode holds (moe_inspect.model.footprint.predicted_footprints)
+        modes = " · ".join(f"{mode} {human_bytes(n)}" for mode, n in info.load_footprint.items())
+        parts.append(Text(f"Loaded, experts quantized too, scales included: {modes}", style="dim"))
     for note in info.notes:
         parts.append(Text(f"Note: {note}", style="dim"))
     title = f"[bold]{info.model_type}[/bold]: {'MoE' if info.moe_layers else 'dense'}"
