@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.capture import capture
 from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
@@ -124,7 +125,7 @@ class Inspector:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
             else:
-                self.model(input_ids=input_ids)
+                routing_forward(self.loaded, input_ids)
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
@@ -139,7 +140,11 @@ class Inspector:
         return frame
 
     def _generate(self, input_ids: torch.Tensor, new_tokens: int, temperature: float, seed: int | None) -> torch.Tensor:
-        """Generate, then feed the last new token once more so every generated token has routing rows."""
+        """Generate, then feed the last new token once more so every generated token has routing rows.
+
+        generate computes the head on the last position only (it passes ``logits_to_keep=1``); the extra step
+        runs no head at all.
+        """
         if seed is not None:
             torch.manual_seed(seed)
         sample = temperature > 0
@@ -156,9 +161,10 @@ class Inspector:
         )
         sequence = out.sequences
         if sequence.shape[1] > input_ids.shape[1]:
-            self.model(
-                input_ids=sequence[:, -1:],
-                attention_mask=torch.ones_like(sequence),
+            routing_forward(
+                self.loaded,
+                sequence[:, -1:],
+                torch.ones_like(sequence),
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.export import write_csv, write_json
@@ -79,11 +80,11 @@ def run_balance(
                 accumulator.begin_batch(batch.attention_mask)
                 # Positions count real tokens only, so left padding also works for absolute position embeddings.
                 positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-                loaded.model(
-                    input_ids=batch.input_ids.to(device, non_blocking=True),
-                    attention_mask=batch.attention_mask.to(device, non_blocking=True),
-                    position_ids=positions.to(device, non_blocking=True),
-                    use_cache=False,
+                routing_forward(
+                    loaded,
+                    batch.input_ids.to(device, non_blocking=True),
+                    batch.attention_mask.to(device, non_blocking=True),
+                    positions.to(device, non_blocking=True),
                 )
                 tokens += batch.tokens
                 if progress is not None:
