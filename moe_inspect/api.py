@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from moe_inspect.analysis.batching import default_batch_size
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.capture import capture
@@ -55,11 +56,14 @@ class Inspector:
         *,
         files: Sequence[str | Path] | None = None,
         seq_len: int | None = None,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         lines: bool = False,
         max_tokens: int | None = None,
     ) -> CorpusReader:
-        """A reader over in-memory ``texts`` (each its own stream) and/or validated ``files``."""
+        """A reader over in-memory ``texts`` (each its own stream) and/or validated ``files``.
+
+        ``batch_size=None`` picks the default of ``analysis.batching.default_batch_size``.
+        """
         sources: list[CorpusFile] = []
         if isinstance(texts, str):
             texts = [texts]
@@ -67,7 +71,9 @@ class Inspector:
         sources += check_files([str(f) for f in files or []]) if files else []
         if not sources:
             raise UserError("Give texts or files to measure.")
-        return CorpusReader(sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens)
+        seq_len = seq_len or self.default_seq_len()
+        batch_size = batch_size or default_batch_size(self.loaded, seq_len)
+        return CorpusReader(sources, self.tokenizer, seq_len, batch_size, lines, max_tokens)
 
     def balance(
         self,
@@ -75,7 +81,7 @@ class Inspector:
         *,
         files: Sequence[str | Path] | None = None,
         seq_len: int | None = None,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         lines: bool = False,
         max_tokens: int | None = None,
         capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,

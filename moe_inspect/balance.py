@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.analysis.batching import BatchMemory
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
@@ -73,11 +74,13 @@ def run_balance(
     device = loaded.input_device
     tokens = 0
     partial = False
+    memory = BatchMemory(loaded)
     started = time.perf_counter()
     try:
         with torch.inference_mode(), capture(loaded.routers, sink=accumulator, keep=False):
             for batch in batches:
                 accumulator.begin_batch(batch.attention_mask)
+                memory.start()
                 # Positions count real tokens only, so left padding also works for absolute position embeddings.
                 positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
                 routing_forward(
@@ -86,6 +89,7 @@ def run_balance(
                     batch.attention_mask.to(device, non_blocking=True),
                     positions.to(device, non_blocking=True),
                 )
+                memory.stop()
                 tokens += batch.tokens
                 if progress is not None:
                     progress(batch)
@@ -105,6 +109,8 @@ def run_balance(
         "capacity_factors": list(capacity_factors),
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "peak_batch_memory_bytes": memory.peak_bytes,  # the largest any one batch added, see the method
+        "peak_batch_memory_method": memory.method,
         "partial": partial,  # Ctrl-C: an interrupted batch may be counted by its first routers only
         "routers": [spec.describe() for spec in loaded.routers],
         "packages": package_versions(),

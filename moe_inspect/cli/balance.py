@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moe_inspect.analysis.batching import default_batch_size
 from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.cli.common import err, load_for_cli, out, user_errors
 from moe_inspect.cli.options import (
@@ -45,7 +46,12 @@ def balance(
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 4,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", min=1, help="Sequences per forward pass (default: 8192 tokens on CPU; measured on CUDA)."
+        ),
+    ] = None,
     lines: Annotated[
         bool, typer.Option("--lines", help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
@@ -79,12 +85,14 @@ def balance(
     tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
     if seq_len is None:
         seq_len = min(2048, max_positions(model_id, revision, trust_remote_code) or 2048)
-    reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
+    reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens)
     reader.check_long_enough()
     factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     insp = load_for_cli(
         model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit, tokenizer
     )
+    if batch_size is None:
+        reader.batch_size = default_batch_size(insp.loaded, seq_len)
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(
         TextColumn("[bold]routing"),
