@@ -23,7 +23,10 @@ from torch import nn
 from moe_inspect.errors import UserError
 
 #: Bytes of float32 logits one chunk may hold; the chunk's positions follow from it and the vocabulary size.
-CHUNK_BYTES = 256 * 2**20
+#: A chunk costs about twice this at its peak (the logits and their log-softmax): 128 MiB, less than a 4 x 2048
+#: batch's decoder activations in most models, so a loss pass peaks about where the routing pass does
+#: (BENCHMARKS.md), while a chunk still has 100+ positions for a 150k vocabulary, enough for an efficient matmul.
+CHUNK_BYTES = 64 * 2**20
 
 
 class _Replay(nn.Module):
