@@ -197,7 +197,9 @@ def _stdlib_text() -> str:
 
 def versus_forward(model_dir: str, corpus: str, rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
     """Whole ``Inspector.balance`` (tokenizing, routing pass, accumulator, tables) against a bare causal-LM
-    forward over the very same windows and batches, already tokenized (which only favours the bare side)."""
+    forward script over the very same windows and batches: the script reads and tokenizes the corpus with the
+    same reader, then calls the model. Also the forward alone over batches tokenized in advance, which only
+    favours the bare side."""
     import moe_inspect
 
     insp = moe_inspect.load(model_dir)
@@ -207,7 +209,12 @@ def versus_forward(model_dir: str, corpus: str, rounds: int, batches: int, batch
     data = list(insp.corpus(**options).batches())
     assert len(data) == batches and all(b.input_ids.shape == (batch_size, seq_len) for b in data)
 
-    def bare() -> None:
+    def bare_script() -> None:
+        with torch.inference_mode():
+            for batch in insp.corpus(**options).batches():
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+    def bare_forward() -> None:
         with torch.inference_mode():
             for batch in data:
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -216,7 +223,7 @@ def versus_forward(model_dir: str, corpus: str, rounds: int, batches: int, batch
         report = insp.balance(**options)
         assert report.run["tokens"] == max_tokens
 
-    variants = {"bare_forward": bare, "balance": balance}
+    variants = {"bare_script": bare_script, "bare_forward": bare_forward, "balance": balance}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for run in variants.values():  # warm-up (also learns the routing pass's stop point)
         run()
@@ -233,7 +240,10 @@ def versus_forward(model_dir: str, corpus: str, rounds: int, batches: int, batch
         "dtype": str(head.dtype),
         "batch": f"{batches} x {batch_size} x {seq_len}",
         "median_s": {name: statistics.median(t) for name, t in times.items()},
-        "ratio_balance_over_bare": statistics.median(
+        "ratio_balance_over_bare_script": statistics.median(
+            b / f for b, f in zip(times["balance"], times["bare_script"], strict=True)
+        ),
+        "ratio_balance_over_bare_forward": statistics.median(
             b / f for b, f in zip(times["balance"], times["bare_forward"], strict=True)
         ),
         "tokens_per_s_balance": max_tokens / statistics.median(times["balance"]),

@@ -10,6 +10,7 @@ import atexit
 import codecs
 import hashlib
 import io
+import itertools
 import shutil
 import sys
 import tempfile
@@ -150,6 +151,10 @@ class CorpusReader:
     lines: bool = False
     max_tokens: int | None = None
     unrouted_tail_tokens: int = field(default=0, init=False)  # set once the packed stream is exhausted
+    # the stream check_long_enough started, handed to the next batches() so the first block is tokenized once
+    _primed: tuple[tuple[int, bool], Iterator[tuple[list[int], int]]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     @property
     def total_bytes(self) -> int:
@@ -157,13 +162,17 @@ class CorpusReader:
 
     def check_long_enough(self) -> None:
         """Fail before the model loads when the corpus cannot fill a single window (or has no line)."""
-        if next(self._sequences(), None) is None:
-            if self.lines:
-                raise UserError("The corpus has no non-empty line.")
-            raise UserError(
-                f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller --seq-len "
-                "or use --lines."
-            )
+        stream = self._sequences()
+        first = next(stream, None)
+        if first is not None:
+            self._primed = ((self.seq_len, self.lines), itertools.chain([first], stream))
+            return
+        if self.lines:
+            raise UserError("The corpus has no non-empty line.")
+        raise UserError(
+            f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller --seq-len "
+            "or use --lines."
+        )
 
     def _windows(self) -> Iterator[tuple[list[int], int]]:
         prefix = _stream_prefix(self.tokenizer)
@@ -207,7 +216,9 @@ class CorpusReader:
         pending: list[list[int]] = []
         taken = 0
         done = 0
-        for ids, done in self._sequences():
+        primed, self._primed = self._primed, None
+        stream = primed[1] if primed is not None and primed[0] == (self.seq_len, self.lines) else self._sequences()
+        for ids, done in stream:
             if self.max_tokens is not None:
                 room = self.max_tokens - taken
                 if room <= 0:

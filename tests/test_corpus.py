@@ -342,3 +342,32 @@ def test_unrouted_tail_is_counted_per_file(tokenizer: Any) -> None:
     per_file = [len(tokenizer(t)["input_ids"]) for t in texts]  # BOS included once per stream
     assert routed == sum(n - n % 16 for n in per_file)
     assert reader.unrouted_tail_tokens == sum(n % 16 for n in per_file) > 0
+
+
+@pytest.mark.parametrize("lines", [False, True])
+def test_the_check_hands_its_stream_to_the_batches(tokenizer: Any, lines: bool) -> None:
+    """check_long_enough then batches() tokenizes the first block once, and gives the same batches as without it."""
+    text = SAMPLE_TEXT * 3 if not lines else "\n".join(LINES) + "\n"
+    sources = [CorpusFile.from_text(text, "<t>")]
+    plain = list(CorpusReader(sources, tokenizer, 16, 3, lines).batches())
+    reader = CorpusReader(sources, tokenizer, 16, 3, lines)
+    calls: list[int] = []
+    original = tokenizer.__class__.__call__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    tokenizer.__class__.__call__ = counting
+    try:
+        list(CorpusReader(sources, tokenizer, 16, 3, lines).batches())
+        one_pass = len(calls)
+        calls.clear()
+        reader.check_long_enough()
+        batches = list(reader.batches())
+    finally:
+        tokenizer.__class__.__call__ = original
+    assert len(calls) == one_pass  # the check's tokenization is not repeated
+    assert [b.input_ids.tolist() for b in batches] == [b.input_ids.tolist() for b in plain]
+    again = next(iter(reader.batches()))  # a second pass starts anew
+    assert again.input_ids.tolist() == plain[0].input_ids.tolist()
