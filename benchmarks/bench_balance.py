@@ -251,7 +251,9 @@ def versus_forward(model_dir: str, corpus: str, rounds: int, batches: int, batch
     }
 
 
-def fastpass(rounds: int, batches: int, batch_size: int, seq_len: int) -> list[dict]:
+def fastpass(
+    rounds: int, batches: int, batch_size: int, seq_len: int, models: tuple[str, ...] = ("mixtral", "demo")
+) -> list[dict]:
     """balance against the bare forward on a 4-layer Mixtral (hidden 512, vocab 8,192) and on the demo model."""
     from moe_inspect.loading import demo_model_path
 
@@ -260,12 +262,14 @@ def fastpass(rounds: int, batches: int, batch_size: int, seq_len: int) -> list[d
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(text)
-        tokenizer = _train_tokenizer(text, 8192)
-        model = build_model(hidden=512, intermediate=1024, layers=4, vocab=len(tokenizer))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        for folder in (tmp, str(demo_model_path())):
+        if "mixtral" in models:
+            tokenizer = _train_tokenizer(text, 8192)
+            model = build_model(hidden=512, intermediate=1024, layers=4, vocab=len(tokenizer))
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            del model
+        folders = {"mixtral": tmp, "demo": str(demo_model_path())}
+        for folder in (folders[name] for name in models):
             results.append(versus_forward(folder, str(corpus), rounds, batches, batch_size, seq_len))
     return results
 
@@ -343,6 +347,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the timing part")
     parser.add_argument("--memory-tokens", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", choices=["mixtral", "demo"], default=["mixtral", "demo"],
+                        help="models of the fastpass part")
     parser.add_argument("--loss-memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loss_memory_child:
@@ -360,7 +366,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
         print("per-round seconds:", json.dumps({k: [round(x, 3) for x in v] for k, v in result["all_s"].items()}))
     if args.part == "fastpass":
-        for result in fastpass(args.rounds, args.batches, args.batch_size, args.seq_len):
+        for result in fastpass(args.rounds, args.batches, args.batch_size, args.seq_len, tuple(args.models)):
             print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
             print("per-round seconds:", json.dumps({k: [round(x, 3) for x in v] for k, v in result["all_s"].items()}))
     if args.part == "loss-memory":
