@@ -255,7 +255,7 @@ def fastpass(
     rounds: int, batches: int, batch_size: int, seq_len: int, models: tuple[str, ...] = ("mixtral", "demo")
 ) -> list[dict]:
     """balance against the bare forward on a 4-layer Mixtral (hidden 512, vocab 8,192) and on the demo model."""
-    from moe_inspect.loading import demo_model_path
+    from moe_inspect.source import demo_model_path
 
     text = _stdlib_text()
     results = []
@@ -281,8 +281,9 @@ def _loss_memory_child(model_dir: str, variant: str, batch_size: int, seq_len: i
     from moe_inspect.balance import run_balance
     from moe_inspect.corpus import Batch
     from moe_inspect.loading import load
+    from moe_inspect.options import LoadOptions
 
-    loaded = load(model_dir)
+    loaded = load(LoadOptions(model=model_dir))
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     data = []

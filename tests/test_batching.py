@@ -14,9 +14,9 @@ from moe_inspect.analysis.batching import CPU_TOKENS_PER_BATCH, default_batch_si
 TEXT = (Path(os.__file__).parent / "argparse.py").read_text(encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def insp(tiny_dir) -> moe_inspect.Inspector:
-    return moe_inspect.load(str(tiny_dir("mixtral")))
+@pytest.fixture
+def insp(tiny_inspector) -> moe_inspect.Inspector:
+    return tiny_inspector("mixtral")
 
 
 def test_cpu_default_is_a_fixed_number_of_tokens(insp: moe_inspect.Inspector) -> None:

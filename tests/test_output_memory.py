@@ -13,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import MixtralConfig, MixtralForCausalLM
 
-import moe_inspect
 from moe_inspect.analysis.outputs import OutputHead, predicted_positions, token_losses, topk_logprobs
 
 VOCAB = 151_936
@@ -72,8 +71,8 @@ def test_token_losses_and_topk_hold_one_chunk_at_most(big_vocab: MixtralForCausa
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_generation_computes_the_head_on_the_last_position_only(tiny_dir) -> None:
-    insp = moe_inspect.load(str(tiny_dir("mixtral")))
+def test_generation_computes_the_head_on_the_last_position_only(tiny_inspector) -> None:
+    insp = tiny_inspector("mixtral")
     positions: list[int] = []
     head = insp.model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, _a, out: positions.append(out.shape[1]))

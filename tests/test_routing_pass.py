@@ -10,6 +10,7 @@ from torch import nn
 from moe_inspect.analysis.routing_pass import _CALLS_PER_FORWARD, routing_forward
 from moe_inspect.capture import RouterOutput, capture
 from moe_inspect.loading import LoadedModel, load
+from moe_inspect.options import LoadOptions
 
 FAMILIES = moe_families()
 
@@ -37,8 +38,8 @@ def _assert_same(full: list[list[RouterOutput]], fast: list[list[RouterOutput]])
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_routing_pass_equals_full_forward(model_type: str, tiny_dir) -> None:
-    loaded = load(str(tiny_dir(model_type)))
+def test_routing_pass_equals_full_forward(model_type: str, tiny_inspector) -> None:
+    loaded = tiny_inspector(model_type).loaded
     ids, mask, positions = _batch()
     with torch.inference_mode():
         with capture(loaded.routers) as cap:
@@ -71,7 +72,7 @@ def dense_tail(tmp_path_factory) -> LoadedModel:
     config = tiny_config("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[2, 3])
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     train_tiny_tokenizer().save_pretrained(folder)
-    return load(str(folder))
+    return load(LoadOptions(model=str(folder)))
 
 
 def test_the_pass_stops_after_the_last_router(dense_tail: LoadedModel) -> None:
