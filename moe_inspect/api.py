@@ -16,6 +16,8 @@ import torch
 
 from moe_inspect.analysis.ablate import AblationReport, build_plan, run_ablation
 from moe_inspect.analysis.ablate import Progress as AblateProgress
+from moe_inspect.analysis.batching import default_batch_size
+from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.capture import capture
 from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
@@ -59,7 +61,7 @@ class Inspector:
         *,
         files: Sequence[str | Path] | None = None,
         seq_len: int | None = None,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         lines: bool = False,
         max_tokens: int | None = None,
         pack: bool = False,
@@ -68,6 +70,7 @@ class Inspector:
 
         Texts are documents: each is routed as its own sequence(s), padded in batches, unless ``pack`` asks
         for them to be packed into full windows like files are (short texts then may not fill one).
+        ``batch_size=None`` picks the default of ``analysis.batching.default_batch_size``.
         """
         sources: list[CorpusFile] = []
         if isinstance(texts, str):
@@ -77,10 +80,9 @@ class Inspector:
         if not sources:
             raise UserError("Give texts or files to measure.")
         documents = bool(texts) and not pack and not lines
-        return CorpusReader(
-            sources, self.tokenizer, check_seq_len(seq_len, positions_limit(self.model.config)), batch_size, lines,
-            max_tokens, documents,
-        )
+        seq_len = check_seq_len(seq_len, positions_limit(self.model.config))
+        batch_size = batch_size or default_batch_size(self.loaded, seq_len)
+        return CorpusReader(sources, self.tokenizer, seq_len, batch_size, lines, max_tokens, documents)
 
     def balance(
         self,
@@ -202,7 +204,7 @@ class Inspector:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
             else:
-                self.model(input_ids=input_ids)
+                routing_forward(self.loaded, input_ids)
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
@@ -219,7 +221,11 @@ class Inspector:
         return frame
 
     def _generate(self, input_ids: torch.Tensor, new_tokens: int, temperature: float, seed: int | None) -> torch.Tensor:
-        """Generate, then feed the last new token once more so every generated token has routing rows."""
+        """Generate, then feed the last new token once more so every generated token has routing rows.
+
+        generate computes the head on the last position only (it passes ``logits_to_keep=1``); the extra step
+        runs no head at all.
+        """
         if seed is not None:
             torch.manual_seed(seed)
         sample = temperature > 0
@@ -239,9 +245,7 @@ class Inspector:
             # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
             new_name = "cache" in getattr(out, "__dataclass_fields__", {})
             cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
-            self.model(
-                input_ids=sequence[:, -1:], attention_mask=torch.ones_like(sequence), use_cache=True, **cache
-            )
+            routing_forward(self.loaded, sequence[:, -1:], torch.ones_like(sequence), use_cache=True, **cache)
         return sequence[0]
 
 

@@ -14,6 +14,8 @@ import pandas as pd
 
 from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
+from moe_inspect.analysis.batching import BatchMemory
+from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
@@ -97,6 +99,7 @@ def run_balance(
     device = loaded.input_device
     tokens = 0
     partial = False
+    memory = BatchMemory(loaded)
     started = time.perf_counter()
     try:
         with no_grad_context(loaded.model), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
@@ -104,14 +107,16 @@ def run_balance(
                 accumulator.begin_batch(batch.attention_mask)
                 if counter is not None:
                     counter.begin_batch(batch.input_ids, batch.attention_mask)
+                memory.start()
                 # Positions count real tokens only, so left padding also works for absolute position embeddings.
                 positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-                loaded.model(
-                    input_ids=batch.input_ids.to(device, non_blocking=True),
-                    attention_mask=batch.attention_mask.to(device, non_blocking=True),
-                    position_ids=positions.to(device, non_blocking=True),
-                    use_cache=False,
+                routing_forward(
+                    loaded,
+                    batch.input_ids.to(device, non_blocking=True),
+                    batch.attention_mask.to(device, non_blocking=True),
+                    positions.to(device, non_blocking=True),
                 )
+                memory.stop()
                 tokens += batch.tokens
                 if progress is not None:
                     progress(batch)
@@ -131,6 +136,8 @@ def run_balance(
         "capacity_factors": list(capacity_factors),
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "peak_batch_memory_bytes": memory.peak_bytes,  # the largest any one batch added, see the method
+        "peak_batch_memory_method": memory.method,
         "partial": partial,  # Ctrl-C: an interrupted batch may be counted by its first routers only
         "routers": [spec.describe() for spec in loaded.routers],
         "packages": package_versions(),

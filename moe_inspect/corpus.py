@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
+import itertools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,20 +60,24 @@ class _Validator:
 class StdinStream:
     """Standard input, read once: checked and hashed as it arrives, never spooled to disk.
 
-    The first reader's bytes are kept so the second reader (the run, after the pre-load check peeked at
-    the first window) sees the stream from its start; later bytes are read, used and dropped.
+    The first reader's bytes are kept so a second reader sees the stream from its start; later bytes are
+    read, used and dropped. When the run takes over the pre-load check's own stream (the usual case, see
+    ``CorpusReader.check_long_enough``), there is no second reader and ``release`` stops the keeping.
     """
 
     def __init__(self, raw: BinaryIO) -> None:
         self._read = getattr(raw, "read1", raw.read)  # read1: what has arrived, without waiting for a full block
         self._kept: list[bytes] = []
-        self._keeping = True
+        self._started = False
+        self._keeping = True  # the first reader keeps its bytes until a second one replays them or none will
         self.check = _Validator("standard input")
         self.done = False
 
     def blocks(self) -> Iterator[bytes]:
         """Bytes from the start of the stream (what an earlier reader took is replayed first)."""
-        keep, self._keeping = self._keeping, False
+        first, self._started = not self._started, True
+        if not first:
+            self._keeping = False
         yield from list(self._kept)
         while not self.done:
             block = self._read(_BLOCK)
@@ -81,9 +86,14 @@ class StdinStream:
                 self.check.finish()
                 return
             self.check.feed(block)
-            if keep:
+            if first and self._keeping:
                 self._kept.append(block)
             yield block
+
+    def release(self) -> None:
+        """The first reader reads on to the end itself (the run took over the check's stream): keep nothing."""
+        self._keeping = False
+        self._kept.clear()
 
     def open_text(self) -> io.TextIOBase:
         return io.TextIOWrapper(io.BufferedReader(_BlockReader(self.blocks())), encoding="utf-8", newline="")
@@ -220,6 +230,15 @@ class CorpusReader:
     # The API's default for in-memory texts, so a list of short texts is not refused as "too short".
     documents: bool = False
     unrouted_tail_tokens: int = field(default=0, init=False)  # set once the packed stream is exhausted
+    # the stream check_long_enough started, handed to the next batches() so the first block is tokenized once
+    _primed: tuple[tuple[int, bool, bool], Iterator[tuple[list[int], int]]] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    @property
+    def _shape(self) -> tuple[int, bool, bool]:
+        """What the sequences depend on besides the files: a primed stream serves only the same shape."""
+        return self.seq_len, self.lines, self.documents
 
     @property
     def mode(self) -> str:
@@ -234,13 +253,17 @@ class CorpusReader:
 
     def check_long_enough(self) -> None:
         """Fail before the model loads when the corpus cannot fill a single window (or has no line)."""
-        if next(self._sequences(), None) is None:
-            if self.lines:
-                raise UserError("The corpus has no non-empty line.")
-            raise UserError(
-                f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller `seq_len` "
-                "or use `lines=True`."
-            )
+        stream = self._sequences()
+        first = next(stream, None)
+        if first is not None:
+            self._primed = (self._shape, itertools.chain([first], stream))
+            return
+        if self.lines:
+            raise UserError("The corpus has no non-empty line.")
+        raise UserError(
+            f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller `seq_len` "
+            "or use `lines=True`."
+        )
 
     def _windows(self) -> Iterator[tuple[list[int], int]]:
         prefix = _stream_prefix(self.tokenizer)
@@ -287,7 +310,15 @@ class CorpusReader:
         pending: list[list[int]] = []
         taken = 0
         done = 0
-        for ids, done in self._sequences():
+        primed, self._primed = self._primed, None
+        if primed is not None and primed[0] == self._shape:
+            stream = primed[1]
+            for source in self.files:  # standard input need not be replayed: its first reader reads on
+                if source.stream is not None:
+                    source.stream.release()
+        else:
+            stream = self._sequences()
+        for ids, done in stream:
             if self.max_tokens is not None:
                 room = self.max_tokens - taken
                 if room <= 0:

@@ -357,3 +357,67 @@ def test_unrouted_tail_is_counted_per_file(tokenizer: Any) -> None:
     per_file = [len(tokenizer(t)["input_ids"]) for t in texts]  # BOS included once per stream
     assert routed == sum(n - n % 16 for n in per_file)
     assert reader.unrouted_tail_tokens == sum(n % 16 for n in per_file) > 0
+
+
+@pytest.mark.parametrize("lines", [False, True])
+def test_the_check_hands_its_stream_to_the_batches(tokenizer: Any, lines: bool) -> None:
+    """check_long_enough then batches() tokenizes the first block once, and gives the same batches as without it."""
+    text = SAMPLE_TEXT * 3 if not lines else "\n".join(LINES) + "\n"
+    sources = [CorpusFile.from_text(text, "<t>")]
+    plain = list(CorpusReader(sources, tokenizer, 16, 3, lines).batches())
+    reader = CorpusReader(sources, tokenizer, 16, 3, lines)
+    calls: list[int] = []
+    original = tokenizer.__class__.__call__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    tokenizer.__class__.__call__ = counting
+    try:
+        list(CorpusReader(sources, tokenizer, 16, 3, lines).batches())
+        one_pass = len(calls)
+        calls.clear()
+        reader.check_long_enough()
+        batches = list(reader.batches())
+    finally:
+        tokenizer.__class__.__call__ = original
+    assert len(calls) == one_pass  # the check's tokenization is not repeated
+    assert [b.input_ids.tolist() for b in batches] == [b.input_ids.tolist() for b in plain]
+    again = next(iter(reader.batches()))  # a second pass starts anew
+    assert again.input_ids.tolist() == plain[0].input_ids.tolist()
+
+
+def test_stdin_handed_on_by_the_check_keeps_no_bytes(monkeypatch: pytest.MonkeyPatch, tokenizer: Any) -> None:
+    """The run reads on from the check's stream, so standard input's peeked bytes are not kept for a replay."""
+    data = (SAMPLE_TEXT * 200).encode("utf-8")
+    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 4096)
+    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 1024)
+    source = check_file_from(data, monkeypatch)
+    assert source.stream is not None
+    reader = CorpusReader([source], tokenizer, 16, 4)
+    reader.check_long_enough()
+    assert source.stream._kept  # the check's peek is kept until the run takes its stream over
+    kept_during_run = []
+    rows = []
+    for batch in reader.batches():
+        kept_during_run.append(sum(len(block) for block in source.stream._kept))
+        rows += [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+    assert len(kept_during_run) > 10 and set(kept_during_run) == {0}  # nothing kept to the end of the pipe
+    ids = tokenizer(SAMPLE_TEXT * 200)["input_ids"]
+    assert [t for r in rows for t in r] == ids[: len(ids) // 16 * 16]
+    assert source.describe() == {"path": "-", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_stdin_is_replayed_when_the_run_cannot_use_the_checked_stream(
+    monkeypatch: pytest.MonkeyPatch, tokenizer: Any
+) -> None:
+    """A run of another window length starts a second reader, which sees the peeked bytes first."""
+    data = (SAMPLE_TEXT * 20).encode("utf-8")
+    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 4096)
+    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 1024)
+    reader = CorpusReader([check_file_from(data, monkeypatch)], tokenizer, 16, 4)
+    reader.check_long_enough()
+    reader.seq_len = 32
+    ids = tokenizer(SAMPLE_TEXT * 20)["input_ids"]
+    assert [t for r in _rows(reader) for t in r] == ids[: len(ids) // 32 * 32]

@@ -31,7 +31,7 @@ runner = CliRunner()
 RUN_KEYS = {
     "model", "model_type", "revision", "dtype", "device", "quantization", "tokens", "batches", "capacity_factors",
     "elapsed_s", "tokens_per_s", "partial", "routers", "packages", "python", "platform", "corpus", "seq_len",
-    "batch_size", "mode", "max_tokens",
+    "batch_size", "mode", "max_tokens", "peak_batch_memory_bytes", "peak_batch_memory_method",
 }
 
 
@@ -77,7 +77,8 @@ def test_run_json_keys(balance_out: Path, tiny_dir) -> None:
     assert run["unrouted_tail_tokens"] == tokens % 16 and run["tokens"] == tokens - tokens % 16
     assert run["mode"] == "packed" and run["capacity_factors"] == [1.0, 1.25, 2.0] and run["max_tokens"] is None
     assert [r["layer"] for r in run["routers"]] == [0, 1, 2]
-    assert run["batches"] == -(-run["tokens"] // (16 * 4)) and run["tokens_per_s"] > 0
+    assert run["batch_size"] == 8192 // 16  # the CPU default: 8,192 tokens per batch
+    assert run["batches"] == -(-run["tokens"] // 8192) and run["tokens_per_s"] > 0
 
 
 def test_lines_mode_has_no_unrouted_tail(tiny_inspector) -> None:

@@ -23,7 +23,10 @@ from torch import nn
 from moe_inspect.errors import UserError
 
 #: Bytes of float32 logits one chunk may hold; the chunk's positions follow from it and the vocabulary size.
-CHUNK_BYTES = 256 * 2**20
+#: A chunk costs about twice this at its peak (the logits and their log-softmax): 128 MiB, less than a 4 x 2048
+#: batch's decoder activations in most models, so a loss pass peaks about where the routing pass does
+#: (BENCHMARKS.md), while a chunk still has 100+ positions for a 150k vocabulary, enough for an efficient matmul.
+CHUNK_BYTES = 64 * 2**20
 
 
 class _Replay(nn.Module):
@@ -46,6 +49,18 @@ class DecoderPass:
     attention_mask: torch.Tensor
 
 
+def decoder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(attribute name, module) of a causal LM's decoder, or None when there is no single one.
+
+    The causal LM's forward calls its decoder as a child attribute whose name varies (``model``,
+    ``language_model``, ``transformer``): it is the one child that is itself a pretrained model.
+    """
+    from transformers import PreTrainedModel
+
+    children = [(name, child) for name, child in model.named_children() if isinstance(child, PreTrainedModel)]
+    return children[0] if len(children) == 1 else None
+
+
 class OutputHead:
     """Runs a causal LM's decoder once per batch and its head on chunks of positions.
 
@@ -54,14 +69,10 @@ class OutputHead:
     """
 
     def __init__(self, model: nn.Module, chunk_bytes: int = CHUNK_BYTES) -> None:
-        # The causal LM's forward calls its decoder as a child attribute whose name varies (``model``,
-        # ``language_model``, ``transformer``): it is the one child that is itself a pretrained model.
-        from transformers import PreTrainedModel
-
-        children = [(name, child) for name, child in model.named_children() if isinstance(child, PreTrainedModel)]
-        if len(children) != 1:
+        found = decoder_of(model)
+        if found is None:
             raise UserError(f"{type(model).__name__} has no single decoder module, so its output cannot be chunked.")
-        prefix, decoder = children[0]
+        prefix, decoder = found
         if "logits_to_keep" not in inspect.signature(model.forward).parameters:
             raise UserError(f"{type(model).__name__} cannot compute logits for chosen positions only.")
         self.model = model

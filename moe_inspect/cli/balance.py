@@ -36,7 +36,12 @@ def balance(
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 4,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", min=1, help="Sequences per forward pass (default: 8192 tokens on CPU; measured on CUDA)."
+        ),
+    ] = None,
     lines: Annotated[
         bool, flag("--lines", help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
@@ -69,6 +74,7 @@ def balance(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
+    from moe_inspect.analysis.batching import default_batch_size
     from moe_inspect.balance import check_capacity_factors
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
@@ -95,10 +101,12 @@ def balance(
     model_id, _ = resolve_model(load.model)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
-    reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
+    reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens)
     reader.check_long_enough()
     factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     insp = load_for_cli(load, output, tokenizer)
+    if batch_size is None:
+        reader.batch_size = default_batch_size(insp.loaded, seq_len)
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(
         TextColumn("[bold]routing"),
