@@ -32,7 +32,7 @@ class BalanceReport:
 
     layers: pd.DataFrame
     experts: pd.DataFrame
-    coactivation: pd.DataFrame
+    coactivation: pd.DataFrame | None  # None where the source has no per-token ids (engine count records)
     run: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -40,14 +40,12 @@ class BalanceReport:
         return bool(self.run.get("partial"))
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """layers.csv, experts.csv, coactivation.csv and run.json, each written atomically."""
+        """layers.csv, experts.csv, coactivation.csv (when known) and run.json, each written atomically."""
         out = Path(out_dir)
-        return [
-            write_csv(self.layers, out / "layers.csv"),
-            write_csv(self.experts, out / "experts.csv"),
-            write_csv(self.coactivation, out / "coactivation.csv"),
-            write_json(self.run, out / "run.json"),
-        ]
+        written = [write_csv(self.layers, out / "layers.csv"), write_csv(self.experts, out / "experts.csv")]
+        if self.coactivation is not None:
+            written.append(write_csv(self.coactivation, out / "coactivation.csv"))
+        return [*written, write_json(self.run, out / "run.json")]
 
 
 def package_versions() -> dict[str, str | None]:

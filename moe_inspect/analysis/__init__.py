@@ -1,0 +1,1 @@
+"""Analyses over accumulated routing: balance, placement, distributed reduction."""
