@@ -33,6 +33,23 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     return _atomic(Path(path), lambda handle: frame.to_csv(handle, index=False))
 
 
-def write_json(data: Any, path: str | Path) -> Path:
-    """Write ``data`` as indented JSON atomically."""
-    return _atomic(Path(path), lambda handle: handle.write(json.dumps(data, indent=2, default=str) + "\n"))
+def write_json(data: Any, path: str | Path, indent: int | None = 2) -> Path:
+    """Write ``data`` as JSON (indented unless ``indent`` is None) atomically."""
+    return _atomic(Path(path), lambda handle: handle.write(json.dumps(data, indent=indent, default=str) + "\n"))
+
+
+def write_torch(data: Any, path: str | Path) -> Path:
+    """``torch.save(data)`` atomically."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

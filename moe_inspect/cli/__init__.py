@@ -7,6 +7,7 @@ import typer
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
 from moe_inspect.cli.info import INFO_EXAMPLES, info
 from moe_inspect.cli.ingest import INGEST_EXAMPLES, ingest
+from moe_inspect.cli.plan import PLAN_EXAMPLES, plan
 from moe_inspect.cli.route import ROUTE_EXAMPLES, route
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.command(epilog=ROUTE_EXAMPLES)(route)
 app.command(epilog=BALANCE_EXAMPLES)(balance)
 app.command(epilog=INFO_EXAMPLES)(info)
 app.command(epilog=INGEST_EXAMPLES)(ingest)
+app.command(epilog=PLAN_EXAMPLES)(plan)
 
 
 def main() -> None:
