@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.analysis import distributed
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.export import write_csv, write_json
@@ -67,6 +68,7 @@ def run_balance(
 ) -> BalanceReport:
     """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial)."""
     accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+    batches = distributed.shard(batches)  # under torchrun: this rank's batches only (no-op in one process)
     device = loaded.input_device
     tokens = 0
     partial = False
@@ -89,6 +91,7 @@ def run_balance(
     except KeyboardInterrupt:
         partial = True
     elapsed = time.perf_counter() - started
+    tokens = distributed.reduce_accumulator(accumulator, tokens)  # under torchrun: every rank's sums, once
     totals = accumulator.finish()
     run = {
         "model": loaded.model_id,

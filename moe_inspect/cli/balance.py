@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moe_inspect.analysis import distributed
 from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.cli.common import err, load_for_cli, out, user_errors
 from moe_inspect.cli.options import (
@@ -82,6 +83,7 @@ def balance(
     reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
     reader.check_long_enough()
     factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS
+    distributed.setup()  # under torchrun: join the process group first, so each rank loads onto its own GPU
     insp = load_for_cli(
         model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit, tokenizer
     )
@@ -95,6 +97,7 @@ def balance(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not distributed.is_main(),
     ) as progress:
         task = progress.add_task("routing", total=total, tokens=0, rate=0.0)
 
@@ -109,6 +112,8 @@ def balance(
             )
 
         report = insp.balance(reader=reader, capacity_factors=factors, progress=advance)
+    if not distributed.is_main():
+        return  # rank 0 holds the reduced report and writes it once
     render_balance(report, out)
     if out_dir is not None:
         written = report.write(out_dir)
