@@ -31,7 +31,8 @@ def main() -> None:
                 started = time.perf_counter()
                 plan_placement(weight, gpus, nodes, redundant, 8, policy)
                 times.append((time.perf_counter() - started) * 1000)
-            print(f"| 256 + {redundant} | {gpus} / {nodes} | {policy} | {statistics.median(times):.1f} | {max(times):.1f} |")
+            median, worst = statistics.median(times), max(times)
+            print(f"| 256 + {redundant} | {gpus} / {nodes} | {policy} | {median:.1f} | {worst:.1f} |")
 
 
 if __name__ == "__main__":

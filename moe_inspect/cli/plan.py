@@ -56,7 +56,7 @@ def plan(
     num_layers: Annotated[
         int | None, typer.Option("--num-layers", min=1, help="Decoder layers, when the source cannot tell.")
     ] = None,
-    format: Annotated[RecordFormat, typer.Option("--format", help="Record format, as for ingest.")] = "auto",  # type: ignore[assignment]
+    format: Annotated[RecordFormat, typer.Option("--format", help="Record format, as for ingest.")] = RecordFormat.auto,  # type: ignore[attr-defined]
     layers: Annotated[int | None, typer.Option("--layers", min=1, help="As for ingest.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="As for ingest.")] = None,
     experts: Annotated[int | None, typer.Option("--experts", min=1, help="As for ingest.")] = None,
@@ -64,8 +64,7 @@ def plan(
     """Place experts (and replicas of hot ones) on GPUs with DeepSeek's EPLB; report load and traffic."""
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory.")
-    fmt = format.value if isinstance(format, Enum) else str(format)
-    loaded = load_source(source, num_layers, fmt, layers, top_k, experts)
+    loaded = load_source(source, num_layers, format.value, layers, top_k, experts)
     report = run_plan(loaded, gpus, nodes, redundant_experts, groups, policy.value, tokens_per_gpu)  # type: ignore[arg-type]
     render_plan(report, out)
     if out_dir is not None:
