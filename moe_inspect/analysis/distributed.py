@@ -41,13 +41,16 @@ def is_main() -> bool:
 
 
 def setup() -> None:
-    """Join the launcher's process group once: nccl with this rank's GPU selected, else gloo.
+    """Join the launcher's process group once: nccl with this rank's GPU selected (one GPU per local rank),
+    else gloo.
 
     Call it before loading the model so that ``--device cuda`` lands on the rank's own GPU.
     """
     if not enabled() or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    # nccl needs a GPU per local rank; every rank of a node reaches the same answer, so backends never mix
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
