@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from moe_inspect import schemas
 from moe_inspect.accumulate import RouterTotals
 from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, package_versions
 from moe_inspect.io.engine_records import EngineRecord
@@ -83,6 +82,19 @@ def _coactivation(topk: np.ndarray, layer: int, num_experts: int) -> np.ndarray:
     return np.bincount(key, minlength=num_experts * num_experts).reshape(num_experts, num_experts).astype(np.int64)
 
 
+def supported_columns(record: EngineRecord, factors: tuple[float, ...]) -> tuple[set[str], set[str]]:
+    """The layers.csv and experts.csv columns a record can fill: counts always, k-based with a known k,
+    overlap repeats with per-token ids, drop rates with per-batch counts."""
+    layers = set(_ALWAYS_LAYERS) | {drop_column(cf) for cf in factors}
+    experts = set(_ALWAYS_EXPERTS)
+    if record.top_k is not None:
+        layers |= {"tokens", "top_k"}
+        experts.add("token_share")
+    if record.per_token:
+        layers |= {"repeat_any", "repeat_any_random"}
+    return layers, experts
+
+
 def record_report(
     record: EngineRecord, capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS
 ) -> BalanceReport:
@@ -122,18 +134,11 @@ def record_report(
                 dropped={cf: int(drops[cf][layer]) for cf in factors},
             )
         )
-    layer_columns = list(_ALWAYS_LAYERS)
-    expert_columns = list(_ALWAYS_EXPERTS)
-    if k is not None:
-        layer_columns[2:2] = ["tokens"]
-        layer_columns[4:4] = ["top_k"]
-        expert_columns.insert(4, "token_share")
-    if record.per_token:
-        layer_columns += ["repeat_any", "repeat_any_random"]
-    layer_columns += [drop_column(cf) for cf in factors]
-    order = [c for c in [*schemas.LAYERS.names, *(drop_column(cf) for cf in factors)] if c in layer_columns]
-    layers = layers_frame(totals, factors)[order]
-    experts = experts_frame(totals)[[c for c in schemas.EXPERTS.names if c in expert_columns]]
+    layer_columns, expert_columns = supported_columns(record, factors)
+    layers = layers_frame(totals, factors)
+    experts = experts_frame(totals)
+    layers = layers[[c for c in layers.columns if c in layer_columns]]
+    experts = experts[[c for c in experts.columns if c in expert_columns]]
     return BalanceReport(
         layers=layers,
         experts=experts,

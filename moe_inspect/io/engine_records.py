@@ -289,7 +289,7 @@ def _read_per_token(files: list[Path]) -> EngineRecord:
     duplicates = 0
     for rec in records:
         ids = _numpy(rec["topk_ids_of_layer"]).astype(np.int64)
-        tokens = len(rec.get("input_ids", ids[0] if ids.ndim == 3 else []))
+        tokens = len(rec["input_ids"]) if rec.get("input_ids") is not None else (ids.shape[1] if ids.ndim == 3 else 0)
         if ids.ndim != 3 or ids.shape[0] != layers or ids.shape[1] != tokens:
             raise UserError(
                 f"A per_token record's topk_ids_of_layer is {list(ids.shape)}, expected [{layers}, {tokens}, slots] "
