@@ -218,3 +218,23 @@ def test_cli_writes_only_supported_columns_and_refuses_in_one_line(tmp_path: Pat
     bad = subprocess.run([*cmd, str(stat), "--top-k", "3"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("Error:") and "top-k 3" in bad.stderr
+
+
+def test_format_override_and_unknown_format(tmp_path: Path) -> None:
+    stat = write_stat(tmp_path / "stat.pt", ROUTING)
+    assert read_records([stat], format="sglang-stat").format == "sglang-stat"
+    assert "not an SGLang per_pass" in _refused(lambda: read_records([stat], format="sglang-per-pass"))
+    assert "Unknown record format" in _refused(lambda: read_records([stat], format="trtllm"))
+
+
+def test_terminal_report_leaves_absent_columns_out(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from moe_inspect.render.balance import render_balance
+
+    console = Console(record=True, width=200)
+    render_balance(record_report(read_records([write_stat(tmp_path / "s.pt", ROUTING)])), console)
+    text = console.export_text()
+    assert "load H" in text and "drop@1.25" in text
+    assert "rtr H" not in text and "aux" not in text  # no router probabilities in a stat dump
+    assert "sglang-stat: 114 assignments in 2 × forward pass from 1 file(s); dense layers (no router): 0" in text

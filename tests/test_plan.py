@@ -226,3 +226,21 @@ def test_balancedness_with_a_placement_hand_worked() -> None:
     # expert 0 (load 6) has three replicas, each carrying 2: ranks hold {0, 1, 2} = 6 and {0, 3, 0} = 6
     assert metrics.balancedness([6, 2, 2, 2], 2, placement=[0, 1, 2, 0, 3, 0]) == 1.0
     assert metrics.balancedness([6, 2, 2, 2], 2) == pytest.approx(6 / 8)  # contiguous: (8, 4)
+
+
+def test_plan_from_an_ingest_folder_keeps_the_decoder_layer_count(tmp_path: Path) -> None:
+    from engine_record_writers import write_stat
+
+    from moe_inspect.analysis.ingest import record_report
+    from moe_inspect.analysis.plan import load_source
+    from moe_inspect.io.engine_records import read_records
+
+    routing = make_routing(layers=5, experts=8, k=2, dense=(0, 4))  # a dense last layer too
+    record_report(read_records([write_stat(tmp_path / "s.pt", routing)])).write(tmp_path / "ingested")
+    source = load_source([tmp_path / "ingested"])
+    assert source.moe_layers == [1, 2, 3] and source.num_layers == 5 and source.topk is None
+    assert np.array_equal(source.weight, routing.counts[1:4])
+    report = run_plan(source, num_gpus=2, redundant=2)
+    mapping = report.physical_to_logical_map()
+    assert len(mapping) == 5 and mapping[4] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    assert "cross_gpu_before" not in report.layers.columns  # counts only: no traffic columns
