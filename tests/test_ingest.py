@@ -22,7 +22,7 @@ from engine_record_writers import (
     write_stat,
 )
 
-from moe_inspect.analysis.ingest import record_report
+from moe_inspect.analysis.ingest import _pair_counts, record_report
 from moe_inspect.errors import UserError
 from moe_inspect.io.engine_records import read_records
 
@@ -103,6 +103,9 @@ def test_per_token_rank_files(tmp_path: Path) -> None:
         assert layers.loc[layer, "repeat_any"] == pytest.approx(_direct_repeat_any(ROUTING, layer))
         assert layers.loc[layer, "drop_rate_cf1.25"] == pytest.approx(_direct_drop(ROUTING, layer, 1.25))
     assert "repeat_first" not in layers.columns  # SGLang's top-k slots are not sorted by weight
+    hits, pairs = _pair_counts(record.topk, record.sequence, chunk=3)  # chunks cutting through sequences
+    assert hits.tolist() == _pair_counts(record.topk, record.sequence)[0].tolist()
+    assert pairs == len(ROUTING.ids) - len(np.unique(ROUTING.sequence))
     co = report.coactivation.query("layer == 3")
     ids = ROUTING.ids[:, 3]
     for _, row in co.iterrows():

@@ -161,7 +161,9 @@ def test_traffic_against_a_loop() -> None:
     p = plan_placement(weight, num_gpus=4, num_nodes=2, redundant=4, num_groups=2)
     topk = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(2)]) for _ in range(30)])
     topk[3, 1, 1] = -1
-    shares = traffic(topk, p, tokens_per_gpu=3)
+    shares = traffic(topk, p, tokens_per_gpu=3, chunk=7)  # chunks that cut through GPU blocks
+    whole = traffic(topk, p, tokens_per_gpu=3)
+    assert all(np.array_equal(shares[name], whole[name]) for name in whole)
     for layer in range(2):
         cross = {"gb": 0, "ga": 0, "nb": 0, "na": 0}
         total = 0

@@ -66,12 +66,19 @@ def capacity_drops(batch_counts: np.ndarray, capacity_factor: float) -> np.ndarr
     return np.clip(batch_counts - capacity, 0, None).sum((0, 2))
 
 
-def _pair_counts(topk: np.ndarray, sequence: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per layer, consecutive pairs within one sequence whose top-k sets intersect [L], and the pair count."""
+def _pair_counts(topk: np.ndarray, sequence: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, int]:
+    """Per layer, consecutive pairs within one sequence whose top-k sets intersect [L], and the pair count.
+
+    In chunks of tokens, so the [pairs, L, k, k] comparison stays small for long records.
+    """
     same = sequence[1:] == sequence[:-1]
-    prev, nxt = topk[:-1][same], topk[1:][same]  # [pairs, L, k]
-    hit = ((prev[..., :, None] == nxt[..., None, :]) & (prev[..., :, None] >= 0)).any((-1, -2))
-    return hit.sum(0), int(same.sum())
+    hits = np.zeros(topk.shape[1], dtype=np.int64)
+    for start in range(0, len(same), chunk):
+        keep = same[start : start + chunk]
+        prev = topk[start : start + len(keep)][keep]  # [pairs, L, k]
+        nxt = topk[start + 1 : start + 1 + len(keep)][keep]
+        hits += ((prev[..., :, None] == nxt[..., None, :]) & (prev[..., :, None] >= 0)).any((-1, -2)).sum(0)
+    return hits, int(same.sum())
 
 
 def _coactivation(topk: np.ndarray, layer: int, num_experts: int) -> np.ndarray:

@@ -92,8 +92,11 @@ def contiguous_gpu(num_experts: int, num_gpus: int) -> np.ndarray:
     return np.arange(num_experts) * num_gpus // num_experts
 
 
-def _dispatch_gpu(topk: np.ndarray, placement: Placement, source: np.ndarray) -> np.ndarray:
-    """[N, L, k] destination GPU of every dispatch after placement: own GPU, else own node, else in turn."""
+def _dispatch_gpu(topk: np.ndarray, placement: Placement, source: np.ndarray, first: int = 0) -> np.ndarray:
+    """[N, L, k] destination GPU of every dispatch after placement: own GPU, else own node, else in turn.
+
+    ``first`` is the index of the first token (replicas are taken in turn by token index).
+    """
     layers = np.arange(topk.shape[1])[None, :, None]
     replicas = placement.log2phy[layers, topk.clip(min=0)]  # [N, L, k, R]
     gpu = np.where(replicas >= 0, replicas // placement.slots_per_gpu, -1)
@@ -102,7 +105,7 @@ def _dispatch_gpu(topk: np.ndarray, placement: Placement, source: np.ndarray) ->
     same_gpu = gpu == src
     same_node = (gpu >= 0) & (gpu // per_node == src // per_node)
     count = placement.logcnt[layers, topk.clip(min=0)]  # [N, L, k]
-    in_turn = (np.arange(len(topk))[:, None, None] % count)[..., None]
+    in_turn = ((first + np.arange(len(topk)))[:, None, None] % count)[..., None]
     pick = np.where(
         same_gpu.any(-1, keepdims=True),
         same_gpu.argmax(-1)[..., None],
@@ -111,27 +114,29 @@ def _dispatch_gpu(topk: np.ndarray, placement: Placement, source: np.ndarray) ->
     return np.take_along_axis(gpu, pick, -1)[..., 0]
 
 
-def traffic(topk: np.ndarray, placement: Placement, tokens_per_gpu: int = 1) -> dict[str, np.ndarray]:
+def traffic(
+    topk: np.ndarray, placement: Placement, tokens_per_gpu: int = 1, chunk: int = 4096
+) -> dict[str, np.ndarray]:
     """Per layer, the share of token-to-expert dispatches crossing a GPU and a node boundary, before and after."""
     if tokens_per_gpu < 1:
         raise UserError("Tokens per GPU must be at least 1.")
     g, per_node = placement.num_gpus, placement.gpus_per_node
-    source = (np.arange(len(topk)) // tokens_per_gpu) % g
-    valid = topk >= 0
-    before = contiguous_gpu(placement.logcnt.shape[1], g)[topk.clip(min=0)]
-    after = _dispatch_gpu(topk, placement, source)
-    src = source[:, None, None]
-    total = np.maximum(valid.sum((0, 2)), 1)
-
-    def share(cross: np.ndarray) -> np.ndarray:
-        return (cross & valid).sum((0, 2)) / total
-
-    return {
-        "cross_gpu_before": share(before != src),
-        "cross_gpu_after": share(after != src),
-        "cross_node_before": share(before // per_node != src // per_node),
-        "cross_node_after": share(after // per_node != src // per_node),
-    }
+    contiguous = contiguous_gpu(placement.logcnt.shape[1], g)
+    cross = np.zeros((4, topk.shape[1]), dtype=np.int64)  # GPU before, after; node before, after
+    for start in range(0, len(topk), chunk):  # chunks keep the [tokens, L, k, replicas] candidates small
+        ids = topk[start : start + chunk]
+        valid = ids >= 0
+        source = ((start + np.arange(len(ids))) // tokens_per_gpu) % g
+        src = source[:, None, None]
+        before = contiguous[ids.clip(min=0)]
+        after = _dispatch_gpu(ids, placement, source, start)
+        for row, crossed in enumerate(
+            (before != src, after != src, before // per_node != src // per_node, after // per_node != src // per_node)
+        ):
+            cross[row] += (crossed & valid).sum((0, 2))
+    total = np.maximum((topk >= 0).sum((0, 2)), 1)
+    names = ("cross_gpu_before", "cross_gpu_after", "cross_node_before", "cross_node_after")
+    return {name: cross[row] / total for row, name in enumerate(names)}
 
 
 @dataclass
