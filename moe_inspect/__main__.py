@@ -1,5 +1,6 @@
-"""`python -m moe_inspect` (and `torchrun ... -m moe_inspect`): the same CLI as the console script."""
+"""`python -m moe_inspect` (and `torchrun -m moe_inspect`) runs the command line."""
 
 from moe_inspect.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,11 @@ from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
 from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
+from moe_inspect.options import LoadOptions
+from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
 from moe_inspect.tables import route_frame, routers_frame
+from moe_inspect.tokens import token_bytes
+from moe_inspect.units import layer_ranges
 
 
 class Inspector:
@@ -43,10 +48,7 @@ class Inspector:
 
     def default_seq_len(self) -> int:
         """min(2048, the model's maximum positions)."""
-        config = self.model.config
-        config = getattr(config, "text_config", None) or config
-        limit = getattr(config, "max_position_embeddings", None)
-        return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
+        return check_seq_len(None, positions_limit(self.model.config))
 
     def corpus(
         self,
@@ -57,8 +59,13 @@ class Inspector:
         batch_size: int = 4,
         lines: bool = False,
         max_tokens: int | None = None,
+        pack: bool = False,
     ) -> CorpusReader:
-        """A reader over in-memory ``texts`` (each its own stream) and/or validated ``files``."""
+        """A reader over in-memory ``texts`` and/or validated ``files``.
+
+        Texts are documents: each is routed as its own sequence(s), padded in batches, unless ``pack`` asks
+        for them to be packed into full windows like files are (short texts then may not fill one).
+        """
         sources: list[CorpusFile] = []
         if isinstance(texts, str):
             texts = [texts]
@@ -66,38 +73,50 @@ class Inspector:
         sources += check_files([str(f) for f in files or []]) if files else []
         if not sources:
             raise UserError("Give texts or files to measure.")
-        return CorpusReader(sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens)
+        documents = bool(texts) and not pack and not lines
+        return CorpusReader(
+            sources, self.tokenizer, check_seq_len(seq_len, positions_limit(self.model.config)), batch_size, lines,
+            max_tokens, documents,
+        )
 
     def balance(
         self,
         texts: str | Sequence[str] | None = None,
         *,
-        files: Sequence[str | Path] | None = None,
-        seq_len: int | None = None,
-        batch_size: int = 4,
-        lines: bool = False,
-        max_tokens: int | None = None,
         capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
         reader: CorpusReader | None = None,
         progress: Progress | None = None,
+        **corpus_options: Any,
     ) -> BalanceReport:
-        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``)."""
+        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
+
+        ``corpus_options`` are those of ``corpus`` (files, seq_len, batch_size, lines, max_tokens, pack): a
+        list of texts is a list of documents; ``pack=True`` packs them into full windows.
+        """
         if reader is None:
-            reader = self.corpus(
-                texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
-            )
+            reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
         info = {
-            "corpus": [f.describe() for f in reader.files],
             "seq_len": reader.seq_len,
             "batch_size": reader.batch_size,
-            "mode": "lines" if reader.lines else "packed",
+            "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
         report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
-        if not reader.lines:
+        report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
+        if reader.mode != "lines":
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
+
+    def _check_layers(self, layers: Iterable[int]) -> set[int]:
+        """The selection, refused when empty or when it names a layer with no router."""
+        selected = set(layers)
+        known = {spec.layer for spec in self.loaded.routers}
+        unknown = selected - known
+        if not selected or unknown:
+            what = "selects no layer" if not selected else f"names layer(s) {layer_ranges(unknown)} with no router"
+            raise UserError(f"`layers` {what}; this model's MoE layers are {layer_ranges(known)}.")
+        return selected
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
@@ -115,11 +134,13 @@ class Inspector:
 
         ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``.
         """
+        selected = self._check_layers(layers) if layers is not None else None
         encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
-            raise ValueError("the prompt tokenized to zero tokens")
+            raise UserError("The prompt tokenized to zero tokens.")
         prompt_len = int(input_ids.shape[1])
+        check_prompt_length(prompt_len, generate, positions_limit(self.model.config))
         with torch.inference_mode(), capture(self.loaded.routers) as cap:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
@@ -128,9 +149,11 @@ class Inspector:
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
-        frame = route_frame(self.loaded.routers, cap.calls, token_ids, self._token_strings(token_ids), phases)
-        if layers is not None:
-            frame = frame[frame["layer"].isin(set(layers))].reset_index(drop=True)
+        strings = self._token_strings(token_ids)
+        raw = token_bytes(self.tokenizer, token_ids, strings)
+        frame = route_frame(self.loaded.routers, cap.calls, token_ids, strings, phases, raw)
+        if selected is not None:
+            frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         frame.attrs.update(
             text=text,
             prompt_tokens=prompt_len,
@@ -156,38 +179,26 @@ class Inspector:
         )
         sequence = out.sequences
         if sequence.shape[1] > input_ids.shape[1]:
+            # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
+            new_name = "cache" in getattr(out, "__dataclass_fields__", {})
+            cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
             self.model(
-                input_ids=sequence[:, -1:],
-                attention_mask=torch.ones_like(sequence),
-                past_key_values=out.past_key_values,
-                use_cache=True,
+                input_ids=sequence[:, -1:], attention_mask=torch.ones_like(sequence), use_cache=True, **cache
             )
         return sequence[0]
 
 
-def load(
-    model: str | None = None,
-    *,
-    tokenizer: Any = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    device_map: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-) -> Inspector:
-    """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector."""
-    return Inspector(
-        load_model(
-            model,
-            tokenizer=tokenizer,
-            dtype=dtype,
-            device=device,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-        )
-    )
+def load(model: str | LoadOptions | None = None, *, tokenizer: Any = None, **fields: Any) -> Inspector:
+    """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector.
+
+    ``fields`` are those of ``LoadOptions`` (dtype, device, revision, trust_remote_code, device_map,
+    load_in_4bit, load_in_8bit); or pass one ``LoadOptions`` as ``model``.
+    """
+    if isinstance(model, LoadOptions):
+        options = replace(model, **fields) if fields else model
+    else:
+        unknown = sorted(set(fields) - set(LoadOptions.field_names()))
+        if unknown:
+            raise TypeError(f"load() got unexpected keyword argument(s): {', '.join(unknown)}")
+        options = LoadOptions(model=model, **fields)
+    return Inspector(load_model(options, tokenizer=tokenizer))

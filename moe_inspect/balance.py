@@ -17,11 +17,12 @@ from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.analysis import distributed
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
-from moe_inspect.export import write_csv, write_json
+from moe_inspect.errors import UserError
+from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
 
-DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 _PACKAGES = ("moe-inspect", "torch", "transformers", "accelerate", "tokenizers", "bitsandbytes", "pandas")
 
 Progress = Callable[[Batch], None]
@@ -41,12 +42,26 @@ class BalanceReport:
         return bool(self.run.get("partial"))
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """layers.csv, experts.csv, coactivation.csv (when known) and run.json, each written atomically."""
-        out = Path(out_dir)
-        written = [write_csv(self.layers, out / "layers.csv"), write_csv(self.experts, out / "experts.csv")]
-        if self.coactivation is not None:
-            written.append(write_csv(self.coactivation, out / "coactivation.csv"))
-        return [*written, write_json(self.run, out / "run.json")]
+        """layers.csv, experts.csv, coactivation.csv (when known) and run.json, swapped in as one set.
+
+        Without co-activation, a coactivation.csv left by an earlier run is dropped rather than carried over.
+        """
+
+        def write_all(out: Path) -> list[Path]:
+            written = [write_csv(self.layers, out / "layers.csv"), write_csv(self.experts, out / "experts.csv")]
+            if self.coactivation is not None:
+                written.append(write_csv(self.coactivation, out / "coactivation.csv"))
+            return [*written, write_json(self.run, out / "run.json")]
+
+        return replace_folder(out_dir, write_all, replaces=("coactivation.csv",))
+
+
+def check_capacity_factors(factors: tuple[float, ...]) -> tuple[float, ...]:
+    """Capacity ceil(cf * T * k / E) is meaningless at cf <= 0 (every assignment dropped): refuse it."""
+    bad = [f for f in factors if not f > 0]  # also NaN
+    if bad:
+        raise UserError(f"A capacity factor must be positive, not {', '.join(f'{f:g}' for f in bad)}.")
+    return tuple(factors)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -67,7 +82,7 @@ def run_balance(
     run_info: dict[str, Any] | None = None,
 ) -> BalanceReport:
     """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial)."""
-    accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+    accumulator = BalanceAccumulator(loaded.routers, check_capacity_factors(capacity_factors))
     batches = distributed.shard(batches)  # under torchrun: this rank's batches only (no-op in one process)
     device = loaded.input_device
     tokens = 0

@@ -6,7 +6,12 @@ pivots and groups without reshaping.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
+
+# The capacity factors whose drop rates the layers table holds unless others are asked for.
+DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ ROUTE = Schema(
         Column("router", "string", "'mlp', or 'attention' for JetMoE's mixture-of-attention router"),
         Column("phase", "string", "'prefill' for prompt tokens, 'decode' for generated tokens"),
         Column("expert_type", "string", "'routed', or the family's null expert kind ('zero', 'skip')"),
+        Column("token_bytes", "string", "the token's exact bytes in hex, e.g. '<E6 9D>' (tells partial UTF-8 apart)"),
     ),
 )
 
@@ -161,3 +167,33 @@ PLAN_LAYERS = Schema(
 )
 
 ALL = (ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS, PLACEMENT, PLAN_LAYERS)
+
+
+def router_label(layer: int, router: str) -> str:
+    """A table's short name for a router from its (layer, router) columns: '12', or '12a' for attention."""
+    return f"{layer}{'a' if router == 'attention' else ''}"
+
+
+_README_BLOCK = re.compile(r"<!-- schema: (\w+) -->\n(.*?)<!-- /schema -->", re.S)
+
+
+def readme_block(schema: Schema) -> str:
+    """What the README shows for a schema between its markers: the doc line, then the column table."""
+    return f"{schema.doc}\n\n{schema.markdown()}\n"
+
+
+def readme_drift(text: str) -> list[str]:
+    """Names of the schemas whose README block is missing or differs from this module (empty: in sync)."""
+    found = {m.group(1): m.group(2) for m in _README_BLOCK.finditer(text)}
+    return [s.name for s in ALL if found.get(s.name) != readme_block(s)]
+
+
+def sync_readme(path: str | Path) -> None:
+    """Rewrite the schema blocks of a README (between ``<!-- schema: NAME -->`` and ``<!-- /schema -->``)."""
+    path = Path(path)
+    by_name = {s.name: s for s in ALL}
+    text = _README_BLOCK.sub(
+        lambda m: f"<!-- schema: {m.group(1)} -->\n{readme_block(by_name[m.group(1)])}<!-- /schema -->",
+        path.read_text(encoding="utf-8"),
+    )
+    path.write_text(text, encoding="utf-8")

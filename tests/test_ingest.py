@@ -241,3 +241,54 @@ def test_terminal_report_leaves_absent_columns_out(tmp_path: Path) -> None:
     assert "load H" in text and "drop@1.25" in text
     assert "rtr H" not in text and "aux" not in text  # no router probabilities in a stat dump
     assert "sglang-stat: 114 assignments in 2 × forward pass from 1 file(s); dense layers (no router): 0" in text
+
+
+def test_cli_house_output_json_quiet_and_one_set_of_files(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+    from moe_inspect.cli.ingest import RECORD_FORMATS
+    from moe_inspect.io.engine_records import FORMATS
+
+    assert RECORD_FORMATS == FORMATS  # --format's choices are the readers' formats
+    runner = CliRunner()
+    tokens = write_rank_dumps(tmp_path, ROUTING, "per_token")
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["ingest", *map(str, tokens), "--out", str(out), "--json"])
+    assert done.exit_code == 0, done.output
+    doc = json.loads(done.stdout)  # one JSON document on stdout, nothing else
+    assert doc["run"]["format"] == "sglang-per-token" and doc["coactivation"]
+    assert {row["layer"] for row in doc["layers"]} == {1, 2, 3} and "router_entropy" not in doc["layers"][0]
+    assert f"Wrote {out}" in done.stderr and (out / "coactivation.csv").exists()
+    # A count record written into the same folder replaces the set: no stale coactivation.csv is carried over.
+    (out / "notes.txt").write_text("mine")
+    stat = write_stat(tmp_path / "stat.pt", ROUTING)
+    quiet = runner.invoke(app, ["ingest", str(stat), "--out", str(out), "-q"])
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert sorted(p.name for p in out.iterdir()) == ["experts.csv", "layers.csv", "notes.txt", "run.json"]
+    assert json.loads((out / "run.json").read_text())["format"] == "sglang-stat"
+    # Raw int32 routed experts name the CLI's flags in the CLI, the API's arguments in Python.
+    raw = write_jsonl(tmp_path / "raw.jsonl", request_arrays(ROUTING), raw=True)
+    assert "`layers` and `top_k`" in _refused(lambda: read_records([raw], format="sglang-routed"))
+    refused = runner.invoke(app, ["ingest", str(raw), "--format", "sglang-routed"])
+    assert refused.exit_code == 2 and "declare --layers and --top-k" in refused.stderr
+    # A file where --out wants a folder is refused before anything is read.
+    clash = runner.invoke(app, ["ingest", str(stat), "--out", str(stat)])
+    assert clash.exit_code == 2 and "is a file, not a folder" in clash.stderr
+
+
+def test_cli_plan_json_and_quiet(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    stat = write_stat(tmp_path / "stat.pt", ROUTING)
+    args = ["plan", str(stat), "--gpus", "2", "--redundant-experts", "2"]
+    done = CliRunner().invoke(app, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    doc = json.loads(done.stdout)
+    assert len(doc["physical_to_logical_map"]) == 4 and len(doc["physical_to_logical_map"][1]) == 10
+    assert [row["layer"] for row in doc["layers"]] == [1, 2, 3] and doc["run"]["gpus"] == 2
+    quiet = CliRunner().invoke(app, [*args, "-q", "--out", str(tmp_path / "p")])
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (tmp_path / "p" / "placement.json").exists()

@@ -1,1 +1,2 @@
-"""Analyses over accumulated routing: balance, placement, distributed reduction."""
+"""Analyses over captured routing: accumulation, balance, comparison, ablation, placement, model outputs,
+engine records, distributed reduction."""

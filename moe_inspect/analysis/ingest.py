@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from moe_inspect.accumulate import RouterTotals
-from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, package_versions
+from moe_inspect.balance import BalanceReport, package_versions
 from moe_inspect.io.engine_records import EngineRecord
 from moe_inspect.routers import RouterSpec
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.tables import coactivation_frame, drop_column, experts_frame, layers_frame
 
 _ALWAYS_LAYERS = [

@@ -20,7 +20,7 @@ import pandas as pd
 from moe_inspect import metrics, schemas
 from moe_inspect.analysis.placement import Placement, Policy, plan_placement
 from moe_inspect.errors import UserError
-from moe_inspect.export import write_csv, write_json, write_torch
+from moe_inspect.export import replace_folder, write_csv, write_json, write_torch
 from moe_inspect.io.engine_records import read_records
 
 
@@ -119,7 +119,7 @@ def traffic(
 ) -> dict[str, np.ndarray]:
     """Per layer, the share of token-to-expert dispatches crossing a GPU and a node boundary, before and after."""
     if tokens_per_gpu < 1:
-        raise UserError("Tokens per GPU must be at least 1.")
+        raise UserError("`tokens_per_gpu` must be at least 1.")
     g, per_node = placement.num_gpus, placement.gpus_per_node
     contiguous = contiguous_gpu(placement.logcnt.shape[1], g)
     cross = np.zeros((4, topk.shape[1]), dtype=np.int64)  # GPU before, after; node before, after
@@ -169,10 +169,10 @@ class PlanReport:
         return frame.astype(schemas.PLACEMENT.dtypes)
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """placement.json (SGLang --init-expert-location), placement.pt (EPLB tensors), placement.csv, plan files."""
+        """placement.json (SGLang --init-expert-location), placement.pt (EPLB tensors), placement.csv and the plan
+        files, swapped into ``out_dir`` as one set."""
         import torch
 
-        out = Path(out_dir)
         p = self.placement
         tensors = {
             "phy2log": torch.from_numpy(p.phy2log),
@@ -180,15 +180,19 @@ class PlanReport:
             "logcnt": torch.from_numpy(p.logcnt),
             "moe_layers": torch.tensor(self.source.moe_layers, dtype=torch.int64),
         }
-        return [
-            write_json(
-                {"physical_to_logical_map": self.physical_to_logical_map()}, out / "placement.json", indent=None
-            ),
-            write_torch(tensors, out / "placement.pt"),
-            write_csv(self.placement_frame(), out / "placement.csv"),
-            write_csv(self.layers, out / "plan_layers.csv"),
-            write_json(self.run, out / "plan.json"),
-        ]
+
+        def write_all(out: Path) -> list[Path]:
+            return [
+                write_json(
+                    {"physical_to_logical_map": self.physical_to_logical_map()}, out / "placement.json", indent=None
+                ),
+                write_torch(tensors, out / "placement.pt"),
+                write_csv(self.placement_frame(), out / "placement.csv"),
+                write_csv(self.layers, out / "plan_layers.csv"),
+                write_json(self.run, out / "plan.json"),
+            ]
+
+        return replace_folder(out_dir, write_all)
 
 
 def run_plan(

@@ -8,11 +8,10 @@ from typing import Annotated
 
 import typer
 
-from moe_inspect.analysis.plan import load_source, run_plan
-from moe_inspect.cli.common import err, out, user_errors
-from moe_inspect.cli.ingest import RecordFormat
+from moe_inspect.cli.common import Output, out, save, user_errors
+from moe_inspect.cli.ingest import ExpertsOpt, FormatOpt, LayersOpt, RecordFormat, TopKOpt
+from moe_inspect.cli.options import JsonOpt, QuietOpt
 from moe_inspect.errors import UserError
-from moe_inspect.render.plan import render_plan
 
 PLAN_EXAMPLES = """Examples:
 
@@ -22,7 +21,7 @@ PLAN_EXAMPLES = """Examples:
 
   moe-inspect plan /tmp/expert_distribution_recorder_*_*.pt --gpus 16 --nodes 2 --tokens-per-gpu 512
 
-  moe-inspect plan routed.npz --experts 128 --gpus 8 --redundant-experts 8 --policy global
+  moe-inspect plan routed.npz --experts 128 --gpus 8 --redundant-experts 8 --policy global --json
 """
 
 
@@ -56,17 +55,35 @@ def plan(
     num_layers: Annotated[
         int | None, typer.Option("--num-layers", min=1, help="Decoder layers, when the source cannot tell.")
     ] = None,
-    format: Annotated[RecordFormat, typer.Option("--format", help="Record format, as for ingest.")] = RecordFormat.auto,  # type: ignore[attr-defined]
-    layers: Annotated[int | None, typer.Option("--layers", min=1, help="As for ingest.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="As for ingest.")] = None,
-    experts: Annotated[int | None, typer.Option("--experts", min=1, help="As for ingest.")] = None,
+    format: FormatOpt = RecordFormat.auto,  # type: ignore[attr-defined]
+    layers: LayersOpt = None,
+    top_k: TopKOpt = None,
+    experts: ExpertsOpt = None,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Place experts (and replicas of hot ones) on GPUs with DeepSeek's EPLB; report load and traffic."""
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory.")
-    loaded = load_source(source, num_layers, format.value, layers, top_k, experts)
-    report = run_plan(loaded, gpus, nodes, redundant_experts, groups, policy.value, tokens_per_gpu)  # type: ignore[arg-type]
-    render_plan(report, out)
+    from moe_inspect.analysis.plan import load_source, run_plan
+    from moe_inspect.export import check_output
+    from moe_inspect.render.plan import render_plan
+
+    output = Output(quiet, json_output)
     if out_dir is not None:
-        written = report.write(out_dir)
-        err.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
+        check_output(out_dir, "--out", folder=True)
+    with output.spinner("Placing experts…"):
+        loaded = load_source(source, num_layers, format.value, layers, top_k, experts)
+        report = run_plan(loaded, gpus, nodes, redundant_experts, groups, policy.value, tokens_per_gpu)  # type: ignore[arg-type]
+    if json_output:
+        output.json(
+            {
+                "run": report.run,
+                "layers": report.layers,
+                "physical_to_logical_map": report.physical_to_logical_map(),
+            }
+        )
+    elif output.tables:
+        render_plan(report, out)
+    if out_dir is not None:
+        failure = save(report.write, out_dir, "--out", output)
+        if failure:
+            raise UserError(failure)

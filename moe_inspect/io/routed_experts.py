@@ -77,7 +77,7 @@ def _decode(value: Any, kind: str, layers: int | None, top_k: int | None, where:
         except ValueError:
             raise UserError(f"{where} does not decode to np.save bytes.") from None
     if layers is None or top_k is None:
-        raise UserError("Raw int32 routed experts (SGLang) carry no shape: declare the layers and the top-k.")
+        raise UserError("Raw int32 routed experts (SGLang) carry no shape: declare `layers` and `top_k`.")
     if len(raw) % (4 * layers * top_k):
         raise UserError(f"{where} holds {len(raw)} bytes, not a whole number of [{layers}, {top_k}] int32 tokens.")
     return np.frombuffer(raw, dtype="<i4").reshape(-1, layers, top_k)
