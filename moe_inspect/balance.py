@@ -13,9 +13,10 @@ from typing import Any
 import pandas as pd
 
 from moe_inspect.accumulate import BalanceAccumulator
-from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
+from moe_inspect.analysis import distributed
 from moe_inspect.analysis.batching import BatchMemory
 from moe_inspect.analysis.routing_pass import routing_forward
+from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
@@ -36,7 +37,7 @@ class BalanceReport:
 
     layers: pd.DataFrame
     experts: pd.DataFrame
-    coactivation: pd.DataFrame
+    coactivation: pd.DataFrame | None  # None where the source has no per-token ids (engine count records)
     run: dict[str, Any] = field(default_factory=dict)
     expert_tokens: pd.DataFrame | None = None  # with top_tokens: schemas.EXPERT_TOKENS
 
@@ -45,20 +46,21 @@ class BalanceReport:
         return bool(self.run.get("partial"))
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """layers.csv, experts.csv, coactivation.csv, expert_tokens.csv (with top_tokens) and run.json, swapped
-        into ``out_dir`` as one set."""
+        """layers.csv, experts.csv, coactivation.csv (when known), expert_tokens.csv (with top_tokens) and
+        run.json, swapped into ``out_dir`` as one set.
+
+        Without co-activation, a coactivation.csv left by an earlier run is dropped rather than carried over.
+        """
 
         def write_all(out: Path) -> list[Path]:
-            written = [
-                write_csv(self.layers, out / "layers.csv"),
-                write_csv(self.experts, out / "experts.csv"),
-                write_csv(self.coactivation, out / "coactivation.csv"),
-            ]
+            written = [write_csv(self.layers, out / "layers.csv"), write_csv(self.experts, out / "experts.csv")]
+            if self.coactivation is not None:
+                written.append(write_csv(self.coactivation, out / "coactivation.csv"))
             if self.expert_tokens is not None:
                 written.append(write_csv(self.expert_tokens, out / "expert_tokens.csv"))
             return [*written, write_json(self.run, out / "run.json")]
 
-        return replace_folder(out_dir, write_all)
+        return replace_folder(out_dir, write_all, replaces=("coactivation.csv",))
 
 
 def check_capacity_factors(factors: tuple[float, ...]) -> tuple[float, ...]:
@@ -96,6 +98,7 @@ def run_balance(
     """
     accumulator = BalanceAccumulator(loaded.routers, check_capacity_factors(capacity_factors))
     counter = TokenCounter(loaded.routers, token_layers, len(loaded.tokenizer)) if top_tokens > 0 else None
+    batches = distributed.shard(batches)  # under torchrun: this rank's batches only (no-op in one process)
     device = loaded.input_device
     tokens = 0
     partial = False
@@ -123,6 +126,7 @@ def run_balance(
     except KeyboardInterrupt:
         partial = True
     elapsed = time.perf_counter() - started
+    tokens = distributed.reduce_accumulator(accumulator, tokens)  # under torchrun: every rank's sums, once
     totals = accumulator.finish()
     run = {
         "model": loaded.model_id,

@@ -100,11 +100,14 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(parked, a)
 
 
-def replace_folder(target: str | Path, write: Callable[[Path], list[Path]]) -> list[Path]:
+def replace_folder(
+    target: str | Path, write: Callable[[Path], list[Path]], replaces: tuple[str, ...] = ()
+) -> list[Path]:
     """Write a set of files as one unit: into a folder beside ``target``, then swapped in at once.
 
     A reader of ``target`` sees the whole set of the previous run or of this one, never a mix of two runs
-    writing at the same time. Other files already in ``target`` (a plot, notes) are carried over.
+    writing at the same time. Other files already in ``target`` (a plot, notes) are carried over, except
+    ``replaces``: names that belong to the set even when this run did not write them.
     """
     target = Path(target)
     if target.is_symlink():  # swap the folder it points to, keep the user's link
@@ -122,7 +125,7 @@ def replace_folder(target: str | Path, write: Callable[[Path], list[Path]]) -> l
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
         for other in target.iterdir():
-            if other.name in names:
+            if other.name in names or other.name in replaces:
                 continue
             if other.is_dir() and not other.is_symlink():
                 shutil.copytree(other, staging / other.name, copy_function=os.link)
@@ -154,9 +157,18 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     return _atomic(Path(path), lambda handle: frame.to_csv(handle, index=False))
 
 
-def write_json(data: Any, path: str | Path) -> Path:
-    """Write ``data`` as indented JSON atomically."""
-    return _atomic(Path(path), lambda handle: handle.write(json.dumps(data, indent=2, default=str) + "\n"))
+def write_json(data: Any, path: str | Path, indent: int | None = 2) -> Path:
+    """Write ``data`` as JSON (indented unless ``indent`` is None) atomically."""
+    return _atomic(Path(path), lambda handle: handle.write(json.dumps(data, indent=indent, default=str) + "\n"))
+
+
+def write_torch(data: Any, path: str | Path) -> Path:
+    """``torch.save(data)`` atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return Path(path)
 
 
 def write_text(text: str, path: str | Path) -> Path:

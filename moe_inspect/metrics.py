@@ -210,14 +210,20 @@ def utilization_ratio(n: ArrayLike, tokens: Number, k: int) -> torch.Tensor:
     return t * t.numel() / (_scalar(tokens) * k)
 
 
-def balancedness(n: ArrayLike, num_ranks: int | None = None) -> float:
+def balancedness(n: ArrayLike, num_ranks: int | None = None, placement: ArrayLike | None = None) -> float:
     """SGLang / vLLM-EPLB balancedness ``mean(load) / max(load)`` over expert-parallel ranks.
 
     Experts are placed contiguously (rank ``r`` holds experts ``r*E/R .. (r+1)*E/R - 1``, the default
     placement without EPLB); ``num_ranks=None`` means one expert per rank, i.e. ``1 / max_over_mean(n)``.
-    Equals ``1 / (1 + MaxVio)`` at rank level. All-zero -> NaN.
+    ``placement`` (a physical-to-logical map ``[P]``, slots contiguous per rank, as EPLB's ``phy2log``) places
+    replicas instead: each replica takes an equal share of its expert's load. Equals ``1 / (1 + MaxVio)`` at
+    rank level. All-zero -> NaN.
     """
     t = _host64(n)
+    if placement is not None:
+        slots = torch.as_tensor(np.asarray(placement), dtype=torch.int64)
+        replicas = torch.bincount(slots, minlength=t.numel()).to(t.dtype)
+        t = t[slots] / replicas[slots]
     ranks = t.numel() if num_ranks is None else num_ranks
     if ranks <= 0 or t.numel() % ranks:
         raise ValueError(f"{t.numel()} experts cannot be split evenly over {ranks} ranks")

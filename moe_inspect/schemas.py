@@ -220,7 +220,40 @@ VOCAB_SPECIALIZATION = (
     ),
 )
 
-ALL = (ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS, EXPERT_TOKENS, ABLATION, ABLATION_LAYERS, IMPORTANCE, GRADIENTS)
+PLACEMENT = Schema(
+    "placement",
+    "One row per (MoE layer, physical expert slot) of an EPLB placement (`plan`'s placement.csv).",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("physical_slot", "int64", "physical expert slot; slots are contiguous per GPU"),
+        Column("gpu", "int64", "expert-parallel rank holding the slot: physical_slot // slots per GPU"),
+        Column("node", "int64", "node of that GPU: gpu // GPUs per node"),
+        Column("logical_expert", "int64", "the model's expert id placed in the slot (hot experts appear twice+)"),
+    ),
+)
+
+PLAN_LAYERS = Schema(
+    "plan_layers",
+    "One row per MoE layer: per-GPU load before (contiguous, no replicas) and after the EPLB placement.",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("max_over_mean_before", "float64", "max / mean tokens per GPU, contiguous placement"),
+        Column("max_over_mean_after", "float64", "max / mean tokens per GPU, EPLB placement"),
+        Column("balancedness_before", "float64", "mean / max tokens per GPU (what SGLang and vLLM log)"),
+        Column("balancedness_after", "float64", "mean / max tokens per GPU after placement"),
+        Column("speedup", "float64", "slowest GPU's load before / after: projected speed-up of the layer"),
+        Column("cross_gpu_before", "float64", "share of token dispatches leaving the token's GPU (per-token only)"),
+        Column("cross_gpu_after", "float64", "the same after placement, each token using its nearest replica"),
+        Column("cross_node_before", "float64", "share of token dispatches leaving the token's node (per-token only)"),
+        Column("cross_node_after", "float64", "the same after placement"),
+    ),
+)
+
+
+ALL = (
+    ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS, EXPERT_TOKENS, ABLATION, ABLATION_LAYERS, IMPORTANCE, GRADIENTS,
+    PLACEMENT, PLAN_LAYERS,
+)
 
 
 def router_label(layer: int, router: str) -> str:

@@ -134,7 +134,7 @@ def test_version_flag() -> None:
     "args",
     [
         ["--help"], ["route", "--help"], ["balance", "--help"], ["info", "--help"], ["ablate", "--help"],
-        ["route", "hi", "--no-such"],
+        ["ingest", "--help"], ["plan", "--help"], ["route", "hi", "--no-such"],
     ],
 )
 def test_help_and_option_errors_import_no_torch(args: list[str]) -> None:

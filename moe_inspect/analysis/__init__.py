@@ -1,2 +1,2 @@
 """Analyses over captured routing: accumulation, balance, comparison, ablation, placement, model outputs,
-token specialisation."""
+token specialisation, engine records, distributed reduction."""

@@ -15,7 +15,9 @@ from moe_inspect.cli.ablate import ABLATE_EXAMPLES, ablate
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
 from moe_inspect.cli.common import exit_cleanly_on_sigterm
 from moe_inspect.cli.info import INFO_EXAMPLES, info
+from moe_inspect.cli.ingest import INGEST_EXAMPLES, ingest
 from moe_inspect.cli.options import flag
+from moe_inspect.cli.plan import PLAN_EXAMPLES, plan
 from moe_inspect.cli.route import ROUTE_EXAMPLES, route
 
 
@@ -68,6 +70,8 @@ app.command(epilog=ROUTE_EXAMPLES, cls=_Command)(route)
 app.command(epilog=BALANCE_EXAMPLES, cls=_Command)(balance)
 app.command(epilog=INFO_EXAMPLES, cls=_Command)(info)
 app.command(epilog=ABLATE_EXAMPLES, cls=_Command)(ablate)
+app.command(epilog=INGEST_EXAMPLES, cls=_Command)(ingest)
+app.command(epilog=PLAN_EXAMPLES, cls=_Command)(plan)
 
 
 def main() -> None:

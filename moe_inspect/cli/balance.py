@@ -74,6 +74,7 @@ def balance(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
+    from moe_inspect.analysis import distributed
     from moe_inspect.analysis.batching import default_batch_size
     from moe_inspect.balance import check_capacity_factors
     from moe_inspect.corpus import Batch, CorpusReader, check_files
@@ -104,7 +105,8 @@ def balance(
     reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens)
     reader.check_long_enough()
     factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
-    insp = load_for_cli(load, output, tokenizer)
+    distributed.setup()  # under torchrun: join the process group first, so each rank loads onto its own GPU
+    insp = load_for_cli(load, output if distributed.is_main() else Output(quiet=True), tokenizer)
     if batch_size is None:
         reader.batch_size = default_batch_size(insp.loaded, seq_len)
     total = reader.total_bytes if max_tokens is None else max_tokens
@@ -117,7 +119,7 @@ def balance(
         TimeRemainingColumn(),
         console=err,
         transient=True,
-        disable=quiet,
+        disable=quiet or not distributed.is_main(),
     ) as progress:
         task = progress.add_task("routing", total=total, tokens=0, rate=0.0)
 
@@ -135,6 +137,8 @@ def balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
             top_token_layers=token_layers,
         )
+    if not distributed.is_main():
+        return  # rank 0 holds the reduced report and writes it once
     if json_output:
         output.json(balance_tables(report))
     elif output.tables:

@@ -71,7 +71,7 @@ _SUMMARY_COLUMNS = (
 
 def _cell(row: dict, key: str | None, fmt: str) -> Text:
     if key is None:
-        return Text(f"{row['experts']}/{row['top_k']}")
+        return Text(f"{row['experts']}/{row['top_k']}" if "top_k" in row else f"{row['experts']}")
     value = row[key]
     if key == "layer":
         return Text(router_label(value, row["router"]))
@@ -81,8 +81,14 @@ def _cell(row: dict, key: str | None, fmt: str) -> Text:
 
 
 def summary_table(layers: pd.DataFrame, capacity_factors: list[float], width: int = 200) -> Table:
-    """One row per MoE router with the figures people look at first, fitted to ``width``."""
+    """One row per MoE router with the figures people look at first, fitted to ``width``.
+
+    Columns absent from ``layers`` (engine records lack probabilities, for instance) are left out.
+    """
     columns = list(_SUMMARY_COLUMNS) + [(f"drop@{cf:g}", drop_column(cf), "{:.1%}", 2) for cf in capacity_factors]
+    columns = [c for c in columns if c[1] is None or c[1] in layers.columns]
+    if "repeat_first" not in layers.columns and "repeat_any" in layers.columns:
+        columns.append(("rep∩", "repeat_any", "{:.2f}", 5))
     records = layers.to_dict("records")
     cells = {c[0]: [_cell(r, c[1], c[2]) for r in records] for c in columns}
 
@@ -132,12 +138,39 @@ def render_balance(report: BalanceReport, console: Console) -> None:
     run = report.run
     console.print(summary_table(report.layers, run["capacity_factors"], console.width))
     console.print(heatmap(report.experts, console.width, console.color_system))
+    if run.get("source") == "engine record":
+        console.print(_record_footer(run))
+        return
     note = " (partial: interrupted)" if run.get("partial") else ""
     console.print(
         f"[dim]{run['tokens']:,} tokens in {run['batches']} batches of up to {run['batch_size']} × "
         f"{run['seq_len']} ({run['mode']}), {run['elapsed_s']:.1f} s, {run['tokens_per_s'] or 0:,.0f} tokens/s"
         f"{note}[/dim]"
     )
+
+
+def _record_footer(run: dict) -> str:
+    """What an engine record held: format, files, tokens or assignments, dense layers."""
+    amount = f"{run['tokens']:,} tokens" if run.get("tokens") is not None else f"{run['assignments']:,} assignments"
+    unit = run.get("batch_unit") or "batch"
+    batches = f" in {run['batches']:,} × {unit}" if run.get("batches") else ""
+    dense = run.get("dense_layers") or []
+    dense_note = f"; dense layers (no router): {_ranges(dense)}" if dense else ""
+    return f"[dim]{run['format']}: {amount}{batches} from {len(run['records'])} file(s){dense_note}[/dim]"
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
 
 
 PLOT_FORMATS = ("png", "pdf", "svg")

@@ -1,0 +1,1 @@
+"""Reading and writing files: table schemas, atomic export, serving-engine routing records."""
