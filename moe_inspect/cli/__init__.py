@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
+from moe_inspect.cli.compare import COMPARE_EXAMPLES, compare
 from moe_inspect.cli.info import INFO_EXAMPLES, info
 from moe_inspect.cli.route import ROUTE_EXAMPLES, route
 
@@ -25,6 +26,7 @@ def _root() -> None:
 
 app.command(epilog=ROUTE_EXAMPLES)(route)
 app.command(epilog=BALANCE_EXAMPLES)(balance)
+app.command(epilog=COMPARE_EXAMPLES)(compare)
 app.command(epilog=INFO_EXAMPLES)(info)
 
 

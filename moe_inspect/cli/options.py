@@ -75,6 +75,49 @@ LoadIn8bitOpt = Annotated[
     ),
 ]
 
+# The second model of `compare`: the same loading options with an --against- prefix.
+AGAINST_PANEL = "Model B (compare)"
+
+AgainstOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--against",
+        rich_help_panel=AGAINST_PANEL,
+        help="Model B: Hub id or local folder. Default: the same model as --model (e.g. to compare it quantized).",
+        show_default=False,
+    ),
+]
+AgainstDtypeOpt = Annotated[
+    Dtype | None,
+    typer.Option("--against-dtype", rich_help_panel=AGAINST_PANEL, help="Model B's weight dtype. Default: --dtype."),
+]
+AgainstDeviceOpt = Annotated[
+    str | None,
+    typer.Option("--against-device", rich_help_panel=AGAINST_PANEL, help="Model B's device. Default: --device."),
+]
+AgainstRevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--against-revision", rich_help_panel=AGAINST_PANEL, help="Model B's Git revision. Default: --revision."
+    ),
+]
+AgainstDeviceMapOpt = Annotated[
+    str | None,
+    typer.Option("--against-device-map", rich_help_panel=AGAINST_PANEL, help="Model B's accelerate device map."),
+]
+AgainstLoadIn4bitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--against-load-in-4bit", rich_help_panel=AGAINST_PANEL, help="Quantize model B with bitsandbytes nf4."
+    ),
+]
+AgainstLoadIn8bitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--against-load-in-8bit", rich_help_panel=AGAINST_PANEL, help="Quantize model B with bitsandbytes int8."
+    ),
+]
+
 
 def parse_layers(spec: str | None) -> set[int] | None:
     """'0,5-7' -> {0, 5, 6, 7}; None means every layer."""
