@@ -13,7 +13,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["Inspector", "__version__", "load"]
+__all__ = ["Inspector", "__version__", "compare_runs", "load"]
 
 
 def __getattr__(name: str) -> object:
@@ -22,4 +22,8 @@ def __getattr__(name: str) -> object:
         from moe_inspect import api
 
         return getattr(api, name)
+    if name == "compare_runs":
+        from moe_inspect.analysis.compare_runs import compare_runs
+
+        return compare_runs
     raise AttributeError(name)

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -17,9 +17,12 @@ from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progres
 from moe_inspect.capture import capture
 from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
 from moe_inspect.errors import UserError
-from moe_inspect.loading import LoadedModel
+from moe_inspect.loading import LoadedModel, load_tokenizer, resolve_model
 from moe_inspect.loading import load as load_model
 from moe_inspect.tables import route_frame, routers_frame
+
+if TYPE_CHECKING:
+    from moe_inspect.analysis.compare import CompareReport
 
 
 class Inspector:
@@ -98,6 +101,53 @@ class Inspector:
         if not reader.lines:
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
         return report
+
+    def compare(
+        self,
+        other: Inspector | Mapping[str, Any] | Any,
+        texts: str | Sequence[str] | None = None,
+        *,
+        files: Sequence[str | Path] | None = None,
+        seq_len: int | None = None,
+        batch_size: int = 4,
+        lines: bool = False,
+        max_tokens: int | None = None,
+        scratch: str | Path | None = None,
+    ) -> CompareReport:
+        """Routing and output drift of ``other`` (model B) against this model (A) on the same token batches.
+
+        ``other`` is an Inspector (both are already in memory, so each batch runs through both in turn) or load
+        options (a dict or options object with ``load``'s keywords plus ``model``): then B is loaded only after A's
+        pass left its record on disk. Returns ``.layers``, ``.experts``, ``.summary`` (schemas ``COMPARE_*``).
+        """
+        from moe_inspect.analysis.compare import check_same_tokenizer, compare_together, compare_two_pass
+
+        reader = self.corpus(
+            texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
+        )
+        info = {
+            "corpus": [f.describe() for f in reader.files],
+            "seq_len": reader.seq_len,
+            "batch_size": reader.batch_size,
+            "mode": "lines" if reader.lines else "packed",
+            "max_tokens": reader.max_tokens,
+        }
+        if isinstance(other, Inspector):
+            check_same_tokenizer(self.tokenizer, other.tokenizer)
+            reader.check_long_enough()
+            return compare_together(self.loaded, other.loaded, reader.batches(), run_info=info)
+        options = dict(other) if isinstance(other, Mapping) else dict(vars(other))
+        model_id = resolve_model(options.get("model"))[0]
+        tokenizer = load_tokenizer(model_id, options.get("revision"), bool(options.get("trust_remote_code")))
+        check_same_tokenizer(self.tokenizer, tokenizer)
+        reader.check_long_enough()
+        return compare_two_pass(
+            lambda: self.loaded,
+            lambda: load_model(tokenizer=tokenizer, **options),
+            reader.batches(),
+            scratch=scratch,
+            run_info=info,
+        )
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]

@@ -1,0 +1,307 @@
+"""`compare`: figures equal a brute-force computation from both models' own router outputs and full logits.
+
+Model B is model A with known router perturbations (noise on one layer's router weights, two experts' rows swapped
+in another), so routes flip on some tokens and not others. Every expected value is recomputed with Python loops and
+numpy over a plain forward of each model under capture(), never with the library's formulas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers_models import SAMPLE_TEXT, save_tiny
+from transformers import AutoModelForCausalLM
+
+import moe_inspect
+from moe_inspect.analysis import compare as compare_mod
+from moe_inspect.analysis.compare import Interrupted, compare_two_pass
+from moe_inspect.api import Inspector
+from moe_inspect.capture import capture
+from moe_inspect.metrics import routing_distribution
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = SAMPLE_TEXT * 2
+READ = {"seq_len": 16, "batch_size": 3}
+
+
+def _perturbed(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose layer-0 router has noise added and whose layer-1 router swaps experts 0 and 1."""
+    model = AutoModelForCausalLM.from_pretrained(src)
+    generator = torch.Generator().manual_seed(3)
+    gates = [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    with torch.no_grad():
+        gates[0].weight.add_(torch.randn(gates[0].weight.shape, generator=generator) * 0.3)
+        gates[1].weight.copy_(gates[1].weight[[1, 0, *range(2, gates[1].weight.shape[0])]])
+    model.save_pretrained(dst)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module", params=["mixtral", "deepseek_v3"])
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Inspector, Inspector]:
+    root = tmp_path_factory.mktemp(request.param)
+    src = save_tiny(request.param, root / "a")
+    dst = _perturbed(src, root / "b")
+    return moe_inspect.load(str(src), device="cpu"), moe_inspect.load(str(dst), device="cpu")
+
+
+def _forward(insp: Inspector, batch) -> tuple[list, torch.Tensor]:
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.inference_mode(), capture(insp.loaded.routers) as cap:
+        logits = insp.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False
+        ).logits
+    return [calls[0] for calls in cap.calls], logits.float()
+
+
+def _brute_force(a: Inspector, b: Inspector) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    per_layer: dict[int, dict[str, list[float]]] = {}
+    loads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    agree, kls = [], []
+    for batch in a.corpus(TEXT, **READ).batches():
+        outs_a, logits_a = _forward(a, batch)
+        outs_b, logits_b = _forward(b, batch)
+        real = batch.attention_mask.reshape(-1).bool().numpy()
+        for spec, oa, ob in zip(a.loaded.routers, outs_a, outs_b, strict=True):
+            k, e = spec.top_k, spec.num_experts
+            pa = routing_distribution(oa.logits, spec.scoring).double().numpy()[real]
+            pb = routing_distribution(ob.logits, spec.scoring).double().numpy()[real]
+            ea, eb = oa.experts.numpy()[real], ob.experts.numpy()[real]
+            wa, wb = oa.weights.double().numpy()[real], ob.weights.double().numpy()[real]
+            names = ("first", "ov", "jac", "exact", "w", "js", "mc", "mk")
+            rows = per_layer.setdefault(spec.layer, {n: [] for n in names})
+            count = loads.setdefault(spec.layer, (np.zeros(e), np.zeros(e)))
+            for t in range(len(ea)):
+                sa, sb = set(ea[t].tolist()), set(eb[t].tolist())
+                inter = len(sa & sb)
+                rows["first"].append(float(ea[t, 0] == eb[t, 0]))
+                rows["ov"].append(inter / k)
+                rows["jac"].append(inter / len(sa | sb))
+                rows["exact"].append(float(sa == sb))
+                da = {x: w / wa[t].sum() for x, w in zip(ea[t], wa[t], strict=True)}
+                db = {x: w / wb[t].sum() for x, w in zip(eb[t], wb[t], strict=True)}
+                rows["w"].append(sum(min(da[x], db[x]) for x in sa & sb))
+                m = (pa[t] + pb[t]) / 2
+                js = 0.5 * sum(p * math.log2(p / q) for p, q in zip(pa[t], m, strict=True) if p > 0)
+                js += 0.5 * sum(p * math.log2(p / q) for p, q in zip(pb[t], m, strict=True) if p > 0)
+                rows["js"].append(js)
+                top = sorted(pa[t], reverse=True)
+                (rows["mk"] if sa == sb else rows["mc"]).append(top[k - 1] - top[k])
+                for x in ea[t]:
+                    count[0][x] += 1
+                for x in eb[t]:
+                    count[1][x] += 1
+        keep = batch.attention_mask.bool().clone()
+        keep[:, :-1] &= batch.attention_mask[:, 1:].bool()
+        keep[:, -1] = False
+        la, lb = torch.log_softmax(logits_a[keep].double(), -1), torch.log_softmax(logits_b[keep].double(), -1)
+        for row_a, row_b in zip(la, lb, strict=True):
+            ids = row_a.topk(64).indices
+            agree.append(float(row_a.argmax() == row_b.argmax()))
+            pa_top, pb_top = row_a[ids].exp(), row_b[ids].exp()
+            kl = float((pa_top * (row_a[ids] - row_b[ids])).sum())
+            rest_a, rest_b = 1 - float(pa_top.sum()), 1 - float(pb_top.sum())
+            kls.append(kl + (rest_a * math.log(rest_a / rest_b) if rest_a > 0 else 0.0))
+    expected = {}
+    for layer, rows in per_layer.items():
+        ca, cb = loads[layer]
+        sa, sb = ca / ca.sum(), cb / cb.sum()
+        m = (sa + sb) / 2
+        load_js = 0.5 * sum(p * math.log2(p / q) for p, q in zip(sa, m, strict=True) if p > 0)
+        load_js += 0.5 * sum(p * math.log2(p / q) for p, q in zip(sb, m, strict=True) if p > 0)
+        expected[layer] = {
+            "tokens": len(rows["first"]),
+            "first_choice_agreement": np.mean(rows["first"]),
+            "topk_overlap": np.mean(rows["ov"]),
+            "topk_jaccard": np.mean(rows["jac"]),
+            "exact_set_agreement": np.mean(rows["exact"]),
+            "weight_overlap": np.mean(rows["w"]),
+            "routing_js": np.mean(rows["js"]),
+            "load_tv": 0.5 * np.abs(sa - sb).sum(),
+            "load_js": load_js,
+            "margin_changed": np.mean(rows["mc"]) if rows["mc"] else math.nan,
+            "margin_kept": np.mean(rows["mk"]) if rows["mk"] else math.nan,
+            "count_a": ca,
+            "count_b": cb,
+        }
+    return expected, {"top1_agreement": np.mean(agree), "output_kl": np.mean(kls), "positions": len(agree)}
+
+
+def test_figures_equal_brute_force_from_both_models(pair: tuple[Inspector, Inspector]) -> None:
+    a, b = pair
+    report = a.compare(b, TEXT, **READ)
+    expected, outputs = _brute_force(a, b)
+    layers = report.layers.set_index("layer")
+    assert set(layers.index) == set(expected)
+    assert (layers["first_choice_agreement"] < 1).any(), "the perturbation should flip some routes"
+    assert (layers["exact_set_agreement"] > 0.2).all(), "and keep others"
+    for layer, exp in expected.items():
+        row = layers.loc[layer]
+        assert row["tokens"] == exp["tokens"]
+        for name in ("first_choice_agreement", "topk_overlap", "topk_jaccard", "exact_set_agreement", "load_tv"):
+            assert row[name] == pytest.approx(exp[name], abs=1e-12), name
+        # weights and routing distributions are kept in float16 in the record: agreement to its precision
+        for name in ("weight_overlap", "routing_js", "load_js", "margin_changed", "margin_kept"):
+            assert row[name] == pytest.approx(exp[name], rel=2e-3, abs=2e-4, nan_ok=True), name
+        experts = report.experts[report.experts["layer"] == layer]
+        assert experts["count_a"].tolist() == exp["count_a"].tolist()
+        assert experts["count_b"].tolist() == exp["count_b"].tolist()
+    summary = report.summary.iloc[0]
+    assert summary["predicted_positions"] == outputs["positions"]
+    assert summary["top1_agreement"] == pytest.approx(outputs["top1_agreement"], abs=1e-12)
+    assert summary["output_kl"] == pytest.approx(outputs["output_kl"], rel=1e-3, abs=1e-6)
+    assert summary["output_kl"] > 0
+    assert summary["worst_layer"] == int(report.layers.loc[report.layers["first_choice_agreement"].idxmin(), "layer"])
+
+
+def test_two_pass_equals_together_and_holds_one_model(pair: tuple[Inspector, Inspector], tmp_path: Path) -> None:
+    a, b = pair
+    together = a.compare(b, TEXT, **READ)
+    alive: list[str] = []
+
+    def load_b():
+        alive.append("b")
+        return b.loaded
+
+    two_pass = compare_two_pass(
+        lambda: a.loaded, load_b, a.corpus(TEXT, **READ).batches(), scratch=tmp_path / "scratch"
+    )
+    pd.testing.assert_frame_equal(together.layers, two_pass.layers)
+    pd.testing.assert_frame_equal(together.experts, two_pass.experts)
+    cols = ["top1_agreement", "output_kl", "tokens", "predicted_positions"]
+    pd.testing.assert_frame_equal(together.summary[cols], two_pass.summary[cols])
+    assert two_pass.summary.iloc[0]["record_bytes_per_token"] > 0
+    assert list((tmp_path / "scratch").iterdir()) == [], "the record is removed after the run"
+
+
+def test_model_against_itself_is_exactly_identical(pair: tuple[Inspector, Inspector]) -> None:
+    a, _ = pair
+    for report in (
+        a.compare(a, TEXT, **READ),
+        compare_two_pass(lambda: a.loaded, lambda: a.loaded, a.corpus(TEXT, **READ).batches()),
+    ):
+        layers = report.layers
+        for name in ("first_choice_agreement", "topk_overlap", "topk_jaccard", "exact_set_agreement"):
+            assert (layers[name] == 1.0).all(), name
+        assert (layers["routing_js"] == 0.0).all()
+        assert (layers["load_tv"] == 0.0).all()
+        assert (layers["load_js"] == 0.0).all()
+        assert layers["margin_changed"].isna().all()
+        assert (report.experts["share_diff"] == 0).all()
+        assert report.summary.iloc[0]["top1_agreement"] == 1.0
+        assert report.summary.iloc[0]["output_kl"] == 0.0
+
+
+def test_ctrl_c_in_second_pass_says_how_far_and_cleans_up(pair: tuple[Inspector, Inspector], tmp_path: Path) -> None:
+    a, b = pair
+
+    def progress(phase: str, tokens: int) -> None:
+        if phase == "b":
+            raise KeyboardInterrupt
+
+    expected = r"model B's pass after 1 of 16 batches \(48 of 768 tokens\); nothing was written"
+    with pytest.raises(Interrupted, match=expected):
+        compare_two_pass(
+            lambda: a.loaded, lambda: b.loaded, a.corpus(TEXT, **READ).batches(), scratch=tmp_path, progress=progress
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI, end to end in a subprocess
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", "from moe_inspect.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def test_cli_4bit_against_unquantized_end_to_end(tiny_dir, corpus_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    model = str(tiny_dir("mixtral"))
+    result = _cli(
+        "compare", str(corpus_file), "-m", model, "--against-load-in-4bit", "--seq-len", "16", "--out", "out",
+        "--per-token", "out/tokens.csv", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    layers = pd.read_csv(tmp_path / "out" / "compare_layers.csv")
+    assert list(layers.columns) == [
+        "layer", "tokens", "first_choice_agreement", "topk_overlap", "topk_jaccard", "exact_set_agreement",
+        "weight_overlap", "routing_js", "load_tv", "load_js", "margin_changed", "margin_kept",
+    ]
+    assert layers["first_choice_agreement"].between(0, 1).all()
+    experts = pd.read_csv(tmp_path / "out" / "compare_experts.csv")
+    assert list(experts.columns) == [
+        "layer", "expert", "count_a", "count_b", "share_a", "share_b", "share_diff", "log2_ratio"
+    ]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["model_b"]["quantization"] == "4bit-nf4" and run["model_a"]["quantization"] is None
+    assert run["compare_summary"]["mode"] == "two-pass"
+    tokens = pd.read_csv(tmp_path / "out" / "tokens.csv", keep_default_na=False)
+    assert len(tokens) == int(layers["tokens"].sum())
+    same = tokens.groupby("layer")["same_set"].mean()
+    np.testing.assert_allclose(same.to_numpy(), layers["exact_set_agreement"].to_numpy())
+    assert "drifts most" in result.stdout and "bytes per token" in result.stderr
+
+
+def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, corpus_file: Path, tiny_dir) -> None:
+    other_tokenizer = save_tiny("mixtral", tmp_path / "helpers-mixtral")  # 300-token BPE, tiny_dir's has 384
+    model = str(tiny_dir("mixtral"))
+    cases = {
+        "different tokenizers": (["-m", model, "--against", str(other_tokenizer)], "different tokenizers"),
+        "too short": (["-m", model, "--seq-len", "100000"], "shorter than one window"),
+        "parquet": (["-m", model, "--per-token", "out/t.parquet"], "pyarrow"),
+    }
+    try:
+        import pyarrow  # noqa: F401
+
+        del cases["parquet"]
+    except ImportError:
+        pass
+    for name, (args, message) in cases.items():
+        result = _cli("compare", str(corpus_file), *args, "--out", "out", cwd=tmp_path)
+        assert result.returncode == 2, (name, result.stderr)
+        assert message in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists(), name
+
+
+def test_different_moe_shapes_name_the_layer(tiny_dir, tmp_path: Path) -> None:
+    from tiny_models import train_tiny_tokenizer
+
+    a = moe_inspect.load(str(tiny_dir("mixtral")), device="cpu")
+    config = a.model.config.to_dict()
+    config["num_local_experts"] = 4
+    from transformers import MixtralConfig
+
+    b_model = AutoModelForCausalLM.from_config(MixtralConfig(**config))
+    b_model.save_pretrained(tmp_path / "b")
+    train_tiny_tokenizer().save_pretrained(tmp_path / "b")
+    with pytest.raises(compare_mod.UserError, match="MoE layer 0 differs: model A has 8 experts, top-2"):
+        a.compare({"model": str(tmp_path / "b"), "device": "cpu"}, TEXT, seq_len=16)
