@@ -587,12 +587,13 @@ def vocab_specialization(counts: ArrayLike) -> torch.Tensor:
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Per-row Jensen-Shannon divergence in bits over the last dim, float32, in ``[0, 1]``.
+    """Per-row Jensen-Shannon divergence in bits over the last dim, in ``[0, 1]``; float32 (float64 for float64).
 
     Rows are renormalised to sum 1 first (a half-precision record does not sum exactly to 1), and identical
     rows give exactly 0: both KL terms are then ``x log(x / x)``.
     """
-    a, b = p.float(), q.float()
+    dtype = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
+    a, b = p.to(dtype), q.to(dtype)
     a = a / a.sum(-1, keepdim=True).clamp_min(_TINY32)
     b = b / b.sum(-1, keepdim=True).clamp_min(_TINY32)
     m = 0.5 * (a + b)
