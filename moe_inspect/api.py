@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,8 +84,13 @@ class Inspector:
         capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
         reader: CorpusReader | None = None,
         progress: Progress | None = None,
+        by_file: bool = False,
     ) -> BalanceReport:
-        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``)."""
+        """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
+
+        ``by_file`` measures each text/file on its own (``max_tokens`` then caps each) and adds a ``source``
+        column to ``layers`` and ``experts``: one block per file, then ``all``.
+        """
         if reader is None:
             reader = self.corpus(
                 texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
@@ -97,6 +103,13 @@ class Inspector:
             "mode": "lines" if reader.lines else "packed",
             "max_tokens": reader.max_tokens,
         }
+        if by_file:
+            readers = [replace(reader, files=[f]) for f in reader.files]
+            sources = [(r.files[0].name, r.batches()) for r in readers]
+            report = run_balance(self.loaded, [], tuple(capacity_factors), progress, info, sources=sources)
+            if not reader.lines:
+                report.run["unrouted_tail_tokens"] = sum(r.unrouted_tail_tokens for r in readers)
+            return report
         report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
         if not reader.lines:
             report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.export import write_csv, write_json
@@ -60,19 +60,12 @@ def package_versions() -> dict[str, str | None]:
     return found
 
 
-def run_balance(
-    loaded: LoadedModel,
-    batches: Iterable[Batch],
-    capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
-    progress: Progress | None = None,
-    run_info: dict[str, Any] | None = None,
-) -> BalanceReport:
-    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial)."""
-    accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+def _route(
+    loaded: LoadedModel, accumulator: BalanceAccumulator, batches: Iterable[Batch], progress: Progress | None
+) -> tuple[int, bool]:
+    """Stream ``batches`` into ``accumulator``: (real tokens routed, whether Ctrl-C stopped it)."""
     device = loaded.input_device
     tokens = 0
-    partial = False
-    started = time.perf_counter()
     try:
         with torch.inference_mode(), capture(loaded.routers, sink=accumulator, keep=False):
             for batch in batches:
@@ -89,9 +82,38 @@ def run_balance(
                 if progress is not None:
                     progress(batch)
     except KeyboardInterrupt:
-        partial = True
+        return tokens, True
+    return tokens, False
+
+
+def run_balance(
+    loaded: LoadedModel,
+    batches: Iterable[Batch],
+    capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
+    progress: Progress | None = None,
+    run_info: dict[str, Any] | None = None,
+    sources: Sequence[tuple[str, Iterable[Batch]]] | None = None,
+) -> BalanceReport:
+    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial).
+
+    With ``sources`` (name, batches) instead, each source is accumulated on its own and the tables get a
+    ``source`` column: one block of rows per source, then ``all`` (their sums, which equal one run over all).
+    """
+    streams = list(sources) if sources is not None else [("all", batches)]
+    accumulators: list[tuple[str, BalanceAccumulator]] = []
+    tokens = 0
+    partial = False
+    started = time.perf_counter()
+    for name, stream in streams:
+        accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+        accumulators.append((name, accumulator))
+        done, partial = _route(loaded, accumulator, stream, progress)
+        tokens += done
+        if partial:
+            break
     elapsed = time.perf_counter() - started
-    totals = accumulator.finish()
+    per_source = [(name, acc.finish()) for name, acc in accumulators]
+    blocks = per_source if sources is None else [*per_source, ("all", sum_totals([t for _, t in per_source]))]
     run = {
         "model": loaded.model_id,
         "model_type": loaded.model_type,
@@ -100,7 +122,7 @@ def run_balance(
         "device": loaded.device,
         "quantization": loaded.quantization,
         "tokens": tokens,
-        "batches": accumulator.batches,
+        "batches": sum(acc.batches for _, acc in accumulators),
         "capacity_factors": list(capacity_factors),
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
@@ -111,9 +133,20 @@ def run_balance(
         "platform": platform.platform(),
         **(run_info or {}),
     }
-    return BalanceReport(
-        layers=layers_frame(totals, capacity_factors),
-        experts=experts_frame(totals),
-        coactivation=coactivation_frame(totals),
-        run=run,
-    )
+    if sources is not None:
+        run["sources"] = [name for name, _ in per_source]
+    tables = [
+        (layers_frame(t, capacity_factors), experts_frame(t), coactivation_frame(t)) for _, t in blocks
+    ]
+    if sources is None:
+        layers, experts, coactivation = tables[0]
+    else:
+        names = [name for name, _ in blocks]
+        layers, experts = (
+            pd.concat([tab[i].assign(source=name) for name, tab in zip(names, tables, strict=True)], ignore_index=True)
+            for i in (0, 1)
+        )
+        layers = layers[["source", *layers.columns[:-1]]]
+        experts = experts[["source", *experts.columns[:-1]]]
+        coactivation = tables[-1][2]
+    return BalanceReport(layers=layers, experts=experts, coactivation=coactivation, run=run)

@@ -24,7 +24,7 @@ from moe_inspect.cli.options import (
 from moe_inspect.corpus import Batch, CorpusReader, check_files
 from moe_inspect.errors import UserError
 from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
-from moe_inspect.render.balance import render_balance, write_heatmap_png
+from moe_inspect.render.balance import overall, render_balance, write_heatmap_png
 
 BALANCE_EXAMPLES = """Examples:
 
@@ -58,6 +58,12 @@ def balance(
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
     ] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the load heatmap as a PNG (matplotlib).")] = None,
+    by_file: Annotated[
+        bool,
+        typer.Option(
+            "--by-file", help="Measure each file on its own too: a source column, one block per file plus 'all'."
+        ),
+    ] = False,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = "auto",
     revision: RevisionOpt = None,
@@ -108,13 +114,13 @@ def balance(
                 rate=done / elapsed,
             )
 
-        report = insp.balance(reader=reader, capacity_factors=factors, progress=advance)
+        report = insp.balance(reader=reader, capacity_factors=factors, progress=advance, by_file=by_file)
     render_balance(report, out)
     if out_dir is not None:
         written = report.write(out_dir)
         err.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
     if plot is not None:
-        write_heatmap_png(report.experts, plot, title=f"{insp.loaded.model_id}: expert load / uniform (log2)")
+        write_heatmap_png(overall(report.experts), plot, title=f"{insp.loaded.model_id}: expert load / uniform (log2)")
         err.print(f"Wrote {plot}")
     if report.partial:
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches routed before Ctrl-C.")
