@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -292,16 +293,26 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, corpus_file: Pa
         assert not (tmp_path / "out").exists(), name
 
 
-def test_different_moe_shapes_name_the_layer(tiny_dir, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def four_experts(tiny_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_dir's Mixtral with 4 experts instead of 8, same tokenizer."""
     from tiny_models import train_tiny_tokenizer
-
-    a = moe_inspect.load(str(tiny_dir("mixtral")), device="cpu")
-    config = a.model.config.to_dict()
-    config["num_local_experts"] = 4
     from transformers import MixtralConfig
 
-    b_model = AutoModelForCausalLM.from_config(MixtralConfig(**config))
-    b_model.save_pretrained(tmp_path / "b")
-    train_tiny_tokenizer().save_pretrained(tmp_path / "b")
-    with pytest.raises(compare_mod.UserError, match="MoE layer 0 differs: model A has 8 experts, top-2"):
-        a.compare({"model": str(tmp_path / "b"), "device": "cpu"}, TEXT, seq_len=16)
+    path = tmp_path_factory.mktemp("four")
+    config = AutoModelForCausalLM.from_pretrained(tiny_dir("mixtral")).config.to_dict()
+    config["num_local_experts"] = 4
+    AutoModelForCausalLM.from_config(MixtralConfig(**config)).save_pretrained(path)
+    train_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_different_moe_shapes_name_the_layer(tiny_dir, four_experts: Path, corpus_file: Path, tmp_path: Path) -> None:
+    a = moe_inspect.load(str(tiny_dir("mixtral")), device="cpu")
+    message = "MoE layer 0 differs: model A has 8 experts, top-2 there and model B (layer 0) has 4 experts, top-2."
+    with pytest.raises(compare_mod.UserError, match=re.escape(message)):  # checked once B is loaded
+        a.compare({"model": str(four_experts), "device": "cpu"}, TEXT, seq_len=16)
+    args = ["-m", str(tiny_dir("mixtral")), "--against", str(four_experts), "--seq-len", "16", "--out", "out"]
+    result = _cli("compare", str(corpus_file), *args, cwd=tmp_path)  # checked from the configs, before A runs
+    assert result.returncode == 2 and message in result.stderr.replace("\n", " "), result.stderr
+    assert "record" not in result.stderr and not (tmp_path / "out").exists()

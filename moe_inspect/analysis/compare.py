@@ -102,6 +102,37 @@ def check_same_moe(routers_a: list[RouterSpec], routers_b: list[RouterSpec]) -> 
             )
 
 
+def precheck_same_moe(
+    model_a: str, model_b: str, revision_a: str | None, revision_b: str | None, trust_remote_code: bool
+) -> None:
+    """From the two configs alone (meta device, no weights): refuse different MoE shapes before A's pass.
+
+    Best effort: a config this cannot describe is left to ``check_same_moe`` once model B is loaded.
+    """
+    if (model_a, revision_a) == (model_b, revision_b):
+        return
+    from moe_inspect.params import describe, load_config
+
+    shapes = []
+    for model, revision in ((model_a, revision_a), (model_b, revision_b)):
+        try:
+            info = describe(load_config(model, revision, trust_remote_code), trust_remote_code=trust_remote_code)
+        except Exception:  # the loaded models are checked later anyway
+            return
+        shapes.append([(r.layer, r.kind, r.experts, r.top_k) for r in info.routers])
+    if len(shapes[0]) != len(shapes[1]):
+        raise UserError(
+            f"Model A has {len(shapes[0])} MoE routers and model B has {len(shapes[1])}, so their layers cannot be "
+            "compared."
+        )
+    for a, b in zip(*shapes, strict=True):
+        if a != b:
+            raise UserError(
+                f"MoE layer {a[0]} differs: model A has {a[2]} experts, top-{a[3]} there and model B "
+                f"(layer {b[0]}) has {b[2]} experts, top-{b[3]}."
+            )
+
+
 # ------------------------------------------------------------------------------------------------------------
 # one model's pass over one batch
 # ------------------------------------------------------------------------------------------------------------

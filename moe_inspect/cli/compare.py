@@ -165,7 +165,12 @@ def _compare_models(
     together: bool,
     scratch: Path | None,
 ) -> None:
-    from moe_inspect.analysis.compare import check_same_tokenizer, compare_together, compare_two_pass
+    from moe_inspect.analysis.compare import (
+        check_same_tokenizer,
+        compare_together,
+        compare_two_pass,
+        precheck_same_moe,
+    )
     from moe_inspect.analysis.compare_tokens import PerTokenWriter, check_target
     from moe_inspect.corpus import CorpusReader, check_files
     from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
@@ -178,6 +183,7 @@ def _compare_models(
     tokenizer_a = load_tokenizer(ids[0], options_a["revision"], options_a["trust_remote_code"])
     tokenizer_b = load_tokenizer(ids[1], options_b["revision"], options_b["trust_remote_code"])
     check_same_tokenizer(tokenizer_a, tokenizer_b)
+    precheck_same_moe(ids[0], ids[1], options_a["revision"], options_b["revision"], options_a["trust_remote_code"])
     if seq_len is None:
         seq_len = min(2048, max_positions(ids[0], options_a["revision"], options_a["trust_remote_code"]) or 2048)
     reader = CorpusReader(files, tokenizer_a, seq_len, batch_size, lines, max_tokens)
