@@ -316,3 +316,28 @@ def test_different_moe_shapes_name_the_layer(tiny_dir, four_experts: Path, corpu
     result = _cli("compare", str(corpus_file), *args, cwd=tmp_path)  # checked from the configs, before A runs
     assert result.returncode == 2 and message in result.stderr.replace("\n", " "), result.stderr
     assert "record" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_ctrl_c_in_second_pass_exits_130_and_writes_nothing(
+    tiny_dir, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    real = compare_mod._run_b
+    monkeypatch.setattr(compare_mod, "_run_b", lambda *a, **k: (interrupted(), real(*a, **k)))
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", str(corpus_file), "-m", str(tiny_dir("mixtral")), "--seq-len", "16", "--batch-size", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", "out", "--per-token", "out/t.csv", "--scratch", "scratch"])
+    assert result.exit_code == 130, result.output
+    assert "model B's pass after 1 of 21 batches (32 of 672 tokens); nothing was written" in result.output
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert list((tmp_path / "scratch").iterdir()) == []

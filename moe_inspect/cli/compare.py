@@ -166,6 +166,7 @@ def _compare_models(
     scratch: Path | None,
 ) -> None:
     from moe_inspect.analysis.compare import (
+        Interrupted,
         check_same_tokenizer,
         compare_together,
         compare_two_pass,
@@ -243,9 +244,12 @@ def _compare_models(
                     run_info=run_info,
                     on_record=recorded,
                 )
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             writer.abort()
+        if isinstance(exc, Interrupted):
+            err.print(f"[yellow]{exc}[/yellow]", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         raise
     if not reader.lines:
         report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
