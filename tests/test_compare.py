@@ -341,3 +341,21 @@ def test_cli_ctrl_c_in_second_pass_exits_130_and_writes_nothing(
     assert "model B's pass after 1 of 21 batches (32 of 672 tokens); nothing was written" in result.output
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_per_token_parquet_equals_csv(pair: tuple[Inspector, Inspector], tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    from moe_inspect.analysis.compare_tokens import PerTokenWriter
+
+    a, b = pair
+    frames = []
+    for name in ("t.csv", "t.parquet"):
+        writer = PerTokenWriter(tmp_path / name, a.tokenizer)
+        compare_two_pass(lambda: a.loaded, lambda: b.loaded, a.corpus(TEXT, **READ).batches(), per_token=writer)
+        writer.commit()
+        frames.append(writer.path)
+    csv = pd.read_csv(frames[0], keep_default_na=False)
+    parquet = pd.read_parquet(frames[1])
+    pd.testing.assert_frame_equal(csv, parquet, check_dtype=False)
+    assert len(csv) == 2 * sum(len(batch.input_ids.flatten()) for batch in a.corpus(TEXT, **READ).batches())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.parquet"]
