@@ -4,7 +4,8 @@ Timing: two copies of the `balance` benchmark model (random Mixtral architecture
 has its routers perturbed so routes differ), batches of 4 x 512 token ids. Per round, interleaved: the bare forward
 of A then of B over the batches (full forward with logits, no hooks), then the whole two-pass ``compare`` over the
 same batches (A's pass with its on-disk record, B's pass compared against it, tables at the end). Both models are
-loaded once before timing, so loading is in neither figure. Reported as the median ratio over rounds.
+loaded once before timing, so loading is in neither figure. Reported as the median ratio over rounds, of wall time
+and of the process's CPU time (steadier on a shared machine, where other processes stretch the wall time).
 
 Memory: peak RSS of ``Inspector.compare`` in two-pass mode (model B loaded from disk after A's pass) over 100k and 1M
 tokens, each in a fresh subprocess, with a small model so the 1M-token run stays short; the record's bytes per token
@@ -79,16 +80,19 @@ def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
         reports.append(compare_two_pass(lambda: a, lambda: b, data))
 
     times: dict[str, list[float]] = {"two bare forwards": [], "compare (two-pass)": []}
+    cpu: dict[str, list[float]] = {"two bare forwards": [], "compare (two-pass)": []}
     with torch.inference_mode():
         bare()  # warm-up
     whole_compare()
     for _ in range(rounds):
         for name, run in (("two bare forwards", bare), ("compare (two-pass)", whole_compare)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 run()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     ratios = [c / t for c, t in zip(times["compare (two-pass)"], times["two bare forwards"], strict=True)]
+    cpu_ratios = [c / t for c, t in zip(cpu["compare (two-pass)"], cpu["two bare forwards"], strict=True)]
     summary = reports[-1].summary.iloc[0]
     return {
         "params_per_model": params,
@@ -97,9 +101,12 @@ def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
         "batch": f"{batch_size}x{seq_len}",
         "median_s": {name: statistics.median(t) for name, t in times.items()},
         "ratio_compare_over_two_bare": statistics.median(ratios),
+        "median_cpu_s": {name: statistics.median(t) for name, t in cpu.items()},
+        "cpu_ratio_compare_over_two_bare": statistics.median(cpu_ratios),
         "record_bytes_per_token": float(summary["record_bytes_per_token"]),
         "first_choice_agreement": float(summary["first_choice_agreement"]),
         "all_s": times,
+        "all_cpu_s": cpu,
     }
 
 
@@ -184,8 +191,10 @@ def main() -> None:
     )
     if args.part in ("timing", "both"):
         result = timing(args.rounds, args.batches, args.batch_size, args.seq_len)
-        print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if not k.startswith("all_")}, indent=2))
         print("per-round seconds:", json.dumps({k: [round(x, 3) for x in v] for k, v in result["all_s"].items()}))
+        cpu = {k: [round(x, 3) for x in v] for k, v in result["all_cpu_s"].items()}
+        print("per-round CPU seconds:", json.dumps(cpu))
     if args.part in ("memory", "both"):
         for row in memory(args.memory_tokens):
             print(json.dumps(row))

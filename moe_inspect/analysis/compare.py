@@ -11,8 +11,9 @@ agreement 1, JS 0 and TV 0 exactly. Sums stay on the device; the host reads them
 from __future__ import annotations
 
 import gc
+import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -424,6 +425,12 @@ def _report(comparer: _Comparer, mode: str, record_bytes: int | None, run: dict[
 Progress = Callable[[str, int], None]  # (phase "a" | "b" | "both", tokens in the batch just done)
 
 
+def _environment() -> dict[str, Any]:
+    from moe_inspect.balance import package_versions
+
+    return {"packages": package_versions(), "python": platform.python_version(), "platform": platform.platform()}
+
+
 def describe_model(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "model": loaded.model_id,
@@ -447,12 +454,8 @@ def _with_per_token(comparer: _Comparer, per_token: PerTokenSink | None, record:
     if per_token is None:
         return
     batch = Batch(record.input_ids.long(), record.attention_mask.long(), int(record.attention_mask.sum()), 0)
-    b = list(_host_list_ordered(comparer))
+    b = host_list([comparer.b_experts[spec.index] for spec in comparer.routers])  # one copy per batch
     per_token.write(batch, comparer.routers, [t.long() for t in record.experts], b)
-
-
-def _host_list_ordered(comparer: _Comparer) -> Iterator[torch.Tensor]:
-    yield from host_list([comparer.b_experts[spec.index] for spec in comparer.routers])
 
 
 def compare_two_pass(
@@ -524,6 +527,7 @@ def compare_two_pass(
             "batches": store.batches,
             "elapsed_s": round(time.perf_counter() - started, 3),
             "record_bytes_per_token_formula": bytes_per_token(routers_a),
+            **_environment(),
             **(run_info or {}),
         }
         return _report(comparer, "two-pass", store.bytes, run)
@@ -555,7 +559,8 @@ def compare_together(
                     comparer.begin(record, loaded_b.input_device)
                     decoded = _decode(loaded_b, head_b, batch.input_ids, batch.attention_mask)
                     comparer.compare_outputs(head_b, decoded)
-                _with_per_token(comparer, per_token, record.to_host())
+                if per_token is not None:
+                    _with_per_token(comparer, per_token, record.to_host())
                 batches_done += 1
                 tokens += batch.tokens
                 if progress is not None:
@@ -569,6 +574,7 @@ def compare_together(
         "model_b": describe_model(loaded_b),
         "batches": batches_done,
         "elapsed_s": round(time.perf_counter() - started, 3),
+        **_environment(),
         **(run_info or {}),
     }
     return _report(comparer, "together", None, run)
