@@ -5,8 +5,8 @@ same batches and is compared against it. Per real token and MoE router the recor
 the k combine weights (float16) and the full routing distribution over the router's C columns (float16, for the
 Jensen-Shannon divergence); per predicted position A's top-64 output log-probabilities (float32) with their ids
 (int32) and the log of the remaining mass; per batch the token ids and mask, so B sees exactly the same tokens.
-So a token costs ``sum over routers (4k + 2C) + 5 + 516`` bytes: 1,285 for Mixtral-8x7B (32 routers, E = 8,
-k = 2), 31,745 for DeepSeek-V3 (58 routers, E = 256, k = 8), whose distribution term dominates.
+So a token costs ``sum over routers (4k + 2C) + 5 + 516`` bytes: 1,289 for Mixtral-8x7B (32 routers, E = 8,
+k = 2), 32,073 for DeepSeek-V3 (58 routers, E = 256, k = 8), whose distribution term dominates.
 """
 
 from __future__ import annotations
