@@ -359,3 +359,11 @@ def test_per_token_parquet_equals_csv(pair: tuple[Inspector, Inspector], tmp_pat
     pd.testing.assert_frame_equal(csv, parquet, check_dtype=False)
     assert len(csv) == 2 * sum(len(batch.input_ids.flatten()) for batch in a.corpus(TEXT, **READ).batches())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.parquet"]
+
+
+def test_terminal_names_the_experts_that_moved_most() -> None:
+    from moe_inspect.render.compare import movers
+
+    experts = pd.DataFrame({"layer": [0, 0, 1, 1], "expert": [0, 1, 0, 1], "share_diff": [0.01, -0.01, 0.031, -0.031]})
+    assert movers(experts, count=1) == "Load share gained most: L1 e0 +3.10 pp; lost most: L1 e1 -3.10 pp."
+    assert movers(experts.assign(share_diff=0.0)) == "Load share gained most: none; lost most: none."

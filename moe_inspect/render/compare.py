@@ -56,6 +56,20 @@ def verdict(report: CompareReport) -> str:
     )
 
 
+def movers(experts: pd.DataFrame, count: int = 3) -> str:
+    """The experts whose load share B raised and lowered most, as 'L2 e5 +3.1 pp' items."""
+    if not len(experts):
+        return ""
+    ordered = experts.sort_values("share_diff", kind="stable")
+
+    def items(rows: pd.DataFrame) -> str:
+        return ", ".join(f"L{r.layer} e{r.expert} {r.share_diff * 100:+.2f} pp" for r in rows.itertuples())
+
+    gained = ordered[ordered["share_diff"] > 0].tail(count).iloc[::-1]
+    lost = ordered[ordered["share_diff"] < 0].head(count)
+    return f"Load share gained most: {items(gained) or 'none'}; lost most: {items(lost) or 'none'}."
+
+
 def render_compare(report: CompareReport, console: Console) -> None:
     run = report.run
     console.print(layers_table(report.layers))
@@ -71,6 +85,7 @@ def render_compare(report: CompareReport, console: Console) -> None:
         "[/dim]",
         soft_wrap=True,
     )
+    console.print(f"[dim]{movers(report.experts)}[/dim]", soft_wrap=True)
     console.print(Text(verdict(report), style="bold"), soft_wrap=True)
 
 
