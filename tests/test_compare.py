@@ -367,3 +367,44 @@ def test_terminal_names_the_experts_that_moved_most() -> None:
     experts = pd.DataFrame({"layer": [0, 0, 1, 1], "expert": [0, 1, 0, 1], "share_diff": [0.01, -0.01, 0.031, -0.031]})
     assert movers(experts, count=1) == "Load share gained most: L1 e0 +3.10 pp; lost most: L1 e1 -3.10 pp."
     assert movers(experts.assign(share_diff=0.0)) == "Load share gained most: none; lost most: none."
+
+
+def test_logprobs_at_equals_full_logits_over_several_chunks(tiny_dir) -> None:
+    from moe_inspect.analysis.outputs import OutputHead, logprobs_at, predicted_positions, topk_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("mixtral")).eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.inference_mode():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.float()
+        head = OutputHead(model, chunk_bytes=4 * model.get_output_embeddings().weight.shape[0] * 4)  # 4 per chunk
+        decoded = head.decode(ids, mask, positions)
+        logprobs = torch.log_softmax(full[predicted_positions(mask)], -1)
+        wanted = torch.randint(0, logprobs.shape[-1], (logprobs.shape[0], 5), generator=generator)
+        values, rest, top = logprobs_at(head, decoded, wanted)
+        torch.testing.assert_close(values, logprobs.gather(-1, wanted), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rest.exp(), 1 - logprobs.gather(-1, wanted).exp().sum(-1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(top, logprobs.max(-1).values, rtol=1e-5, atol=1e-5)
+        # at a model's own top-k ids it reproduces topk_logprobs bit for bit
+        own, own_ids, own_rest, _ = topk_logprobs(head, decoded, 5)
+        again, again_rest, _ = logprobs_at(head, decoded, own_ids)
+        assert torch.equal(own, again) and torch.equal(own_rest, again_rest)
+
+
+def test_cli_together_writes_the_same_tables_as_two_pass(tiny_dir, corpus_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    base = ["compare", str(corpus_file), "-m", str(tiny_dir("mixtral")), "--against-dtype", "bfloat16"]
+    for name, extra in (("two", []), ("together", ["--together"])):
+        result = CliRunner().invoke(app, [*base, "--seq-len", "16", "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    for table in ("compare_layers.csv", "compare_experts.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two" / table), pd.read_csv(tmp_path / "together" / table))
+    runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("two", "together")]
+    assert [run["compare_summary"]["mode"] for run in runs] == ["two-pass", "together"]
+    assert runs[0]["model_b"]["dtype"] == "bfloat16" and runs[0]["model_a"]["dtype"] == "float32"
