@@ -86,6 +86,12 @@ def _route(
     return tokens, False
 
 
+def _with_source(blocks: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """Stack per-source tables with a leading ``source`` column."""
+    frame = pd.concat([table.assign(source=name) for name, table in blocks], ignore_index=True)
+    return frame[["source", *frame.columns[:-1]]]
+
+
 def run_balance(
     loaded: LoadedModel,
     batches: Iterable[Batch],
@@ -135,18 +141,10 @@ def run_balance(
     }
     if sources is not None:
         run["sources"] = [name for name, _ in per_source]
-    tables = [
-        (layers_frame(t, capacity_factors), experts_frame(t), coactivation_frame(t)) for _, t in blocks
-    ]
+    coactivation = coactivation_frame(blocks[-1][1])  # over everything routed ('all' with sources)
     if sources is None:
-        layers, experts, coactivation = tables[0]
+        layers, experts = layers_frame(blocks[0][1], capacity_factors), experts_frame(blocks[0][1])
     else:
-        names = [name for name, _ in blocks]
-        layers, experts = (
-            pd.concat([tab[i].assign(source=name) for name, tab in zip(names, tables, strict=True)], ignore_index=True)
-            for i in (0, 1)
-        )
-        layers = layers[["source", *layers.columns[:-1]]]
-        experts = experts[["source", *experts.columns[:-1]]]
-        coactivation = tables[-1][2]
+        layers = _with_source([(name, layers_frame(t, capacity_factors)) for name, t in blocks])
+        experts = _with_source([(name, experts_frame(t)) for name, t in blocks])
     return BalanceReport(layers=layers, experts=experts, coactivation=coactivation, run=run)
