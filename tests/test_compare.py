@@ -64,11 +64,13 @@ def _forward(insp: Inspector, batch) -> tuple[list, torch.Tensor]:
     return [calls[0] for calls in cap.calls], logits.float()
 
 
-def _brute_force(a: Inspector, b: Inspector) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+def _brute_force(
+    a: Inspector, b: Inspector, read: dict | None = None
+) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     per_layer: dict[int, dict[str, list[float]]] = {}
     loads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     agree, kls = [], []
-    for batch in a.corpus(TEXT, **READ).batches():
+    for batch in a.corpus(TEXT, **(read or READ)).batches():
         outs_a, logits_a = _forward(a, batch)
         outs_b, logits_b = _forward(b, batch)
         real = batch.attention_mask.reshape(-1).bool().numpy()
@@ -137,10 +139,11 @@ def _brute_force(a: Inspector, b: Inspector) -> tuple[dict[int, dict[str, float]
     return expected, {"top1_agreement": np.mean(agree), "output_kl": np.mean(kls), "positions": len(agree)}
 
 
-def test_figures_equal_brute_force_from_both_models(pair: tuple[Inspector, Inspector]) -> None:
+@pytest.mark.parametrize("read", [READ, {"lines": True, "batch_size": 4, "seq_len": 64}], ids=["packed", "lines"])
+def test_figures_equal_brute_force_from_both_models(pair: tuple[Inspector, Inspector], read: dict) -> None:
     a, b = pair
-    report = a.compare(b, TEXT, **READ)
-    expected, outputs = _brute_force(a, b)
+    report = a.compare(b, TEXT, **read)
+    expected, outputs = _brute_force(a, b, read)
     layers = report.layers.set_index("layer")
     assert set(layers.index) == set(expected)
     assert (layers["first_choice_agreement"] < 1).any(), "the perturbation should flip some routes"
