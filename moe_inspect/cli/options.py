@@ -98,12 +98,18 @@ AgainstDeviceOpt = Annotated[
 AgainstRevisionOpt = Annotated[
     str | None,
     typer.Option(
-        "--against-revision", rich_help_panel=AGAINST_PANEL, help="Model B's Git revision. Default: --revision."
+        "--against-revision",
+        rich_help_panel=AGAINST_PANEL,
+        help="Model B's Git revision. Default: --revision when --against is not given.",
     ),
 ]
 AgainstDeviceMapOpt = Annotated[
     str | None,
-    typer.Option("--against-device-map", rich_help_panel=AGAINST_PANEL, help="Model B's accelerate device map."),
+    typer.Option(
+        "--against-device-map",
+        rich_help_panel=AGAINST_PANEL,
+        help="Model B's accelerate device map. Default: --device-map when --against is not given.",
+    ),
 ]
 AgainstLoadIn4bitOpt = Annotated[
     bool,
