@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from moe_inspect.analysis import compare as compare_mod
 from moe_inspect.analysis.compare import Interrupted, compare_two_pass
 from moe_inspect.api import Inspector
 from moe_inspect.capture import capture
+from moe_inspect.loading import load
 from moe_inspect.metrics import routing_distribution
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,15 +172,20 @@ def test_figures_equal_brute_force_from_both_models(pair: tuple[Inspector, Inspe
 def test_two_pass_equals_together_and_holds_one_model(pair: tuple[Inspector, Inspector], tmp_path: Path) -> None:
     a, b = pair
     together = a.compare(b, TEXT, **READ)
-    alive: list[str] = []
+    model_a: list[weakref.ref] = []
+    a_alive_when_b_loads: list[bool] = []
+
+    def load_a():
+        fresh = load(a.loaded.model_id, device="cpu")  # nobody else holds this one
+        model_a.append(weakref.ref(fresh.model))
+        return fresh
 
     def load_b():
-        alive.append("b")
+        a_alive_when_b_loads.append(model_a[0]() is not None)
         return b.loaded
 
-    two_pass = compare_two_pass(
-        lambda: a.loaded, load_b, a.corpus(TEXT, **READ).batches(), scratch=tmp_path / "scratch"
-    )
+    two_pass = compare_two_pass(load_a, load_b, a.corpus(TEXT, **READ).batches(), scratch=tmp_path / "scratch")
+    assert a_alive_when_b_loads == [False], "model A must be freed before model B is loaded"
     pd.testing.assert_frame_equal(together.layers, two_pass.layers)
     pd.testing.assert_frame_equal(together.experts, two_pass.experts)
     cols = ["top1_agreement", "output_kl", "tokens", "predicted_positions"]
