@@ -1,7 +1,8 @@
 """moe-inspect: an inference-time routing inspector for Mixture-of-Experts models in transformers.
 
-Data flows load (loading) -> find routers (routers) -> capture a forward (capture) -> accumulate
-(accumulate) -> metrics (metrics) -> tables (tables, schemas) -> render/export (render, export).
+Data flows: model string -> config and tokenizer (source) -> weights (loading, with LoadOptions) -> find
+routers (routers) -> capture a forward (capture) -> accumulate (accumulate) -> metrics (metrics) -> tables
+(tables, schemas) -> render/export (render, export). ``info`` stops after routers, on a meta-device model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["Inspector", "__version__", "compare_runs", "load"]
+from moe_inspect.options import LoadOptions
+
+__all__ = ["Inspector", "LoadOptions", "__version__", "compare_runs", "load"]
 
 
 def __getattr__(name: str) -> object:

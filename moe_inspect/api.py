@@ -18,9 +18,13 @@ from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progres
 from moe_inspect.capture import capture
 from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
 from moe_inspect.errors import UserError
-from moe_inspect.loading import LoadedModel, load_tokenizer, resolve_model
+from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
+from moe_inspect.options import LoadOptions
+from moe_inspect.source import check_prompt_length, check_seq_len, load_tokenizer, positions_limit, resolve_model
 from moe_inspect.tables import route_frame, routers_frame
+from moe_inspect.tokens import token_bytes
+from moe_inspect.units import layer_ranges
 
 if TYPE_CHECKING:
     from moe_inspect.analysis.compare import CompareReport
@@ -47,10 +51,7 @@ class Inspector:
 
     def default_seq_len(self) -> int:
         """min(2048, the model's maximum positions)."""
-        config = self.model.config
-        config = getattr(config, "text_config", None) or config
-        limit = getattr(config, "max_position_embeddings", None)
-        return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
+        return check_seq_len(None, positions_limit(self.model.config))
 
     def corpus(
         self,
@@ -61,8 +62,13 @@ class Inspector:
         batch_size: int = 4,
         lines: bool = False,
         max_tokens: int | None = None,
+        pack: bool = False,
     ) -> CorpusReader:
-        """A reader over in-memory ``texts`` (each its own stream) and/or validated ``files``."""
+        """A reader over in-memory ``texts`` and/or validated ``files``.
+
+        Texts are documents: each is routed as its own sequence(s), padded in batches, unless ``pack`` asks
+        for them to be packed into full windows like files are (short texts then may not fill one).
+        """
         sources: list[CorpusFile] = []
         if isinstance(texts, str):
             texts = [texts]
@@ -70,97 +76,103 @@ class Inspector:
         sources += check_files([str(f) for f in files or []]) if files else []
         if not sources:
             raise UserError("Give texts or files to measure.")
-        return CorpusReader(sources, self.tokenizer, seq_len or self.default_seq_len(), batch_size, lines, max_tokens)
+        documents = bool(texts) and not pack and not lines
+        return CorpusReader(
+            sources, self.tokenizer, check_seq_len(seq_len, positions_limit(self.model.config)), batch_size, lines,
+            max_tokens, documents,
+        )
 
     def balance(
         self,
         texts: str | Sequence[str] | None = None,
         *,
-        files: Sequence[str | Path] | None = None,
-        seq_len: int | None = None,
-        batch_size: int = 4,
-        lines: bool = False,
-        max_tokens: int | None = None,
         capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
         reader: CorpusReader | None = None,
         progress: Progress | None = None,
         by_file: bool = False,
+        **corpus_options: Any,
     ) -> BalanceReport:
         """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
 
-        ``by_file`` measures each text/file on its own (``max_tokens`` then caps each) and adds a ``source``
-        column to ``layers`` and ``experts``: one block per file, then ``all``.
+        ``corpus_options`` are those of ``corpus`` (files, seq_len, batch_size, lines, max_tokens, pack): a
+        list of texts is a list of documents; ``pack=True`` packs them into full windows. ``by_file`` measures
+        each text/file on its own (``max_tokens`` then caps each) and adds a ``source`` column to ``layers`` and
+        ``experts``: one block per file, then ``all``.
         """
         if reader is None:
-            reader = self.corpus(
-                texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
-            )
+            reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
         info = {
-            "corpus": [f.describe() for f in reader.files],
             "seq_len": reader.seq_len,
             "batch_size": reader.batch_size,
-            "mode": "lines" if reader.lines else "packed",
+            "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
         if by_file:
             readers = [replace(reader, files=[f]) for f in reader.files]
             sources = [(r.files[0].name, r.batches()) for r in readers]
             report = run_balance(self.loaded, [], tuple(capacity_factors), progress, info, sources=sources)
-            if not reader.lines:
-                report.run["unrouted_tail_tokens"] = sum(r.unrouted_tail_tokens for r in readers)
-            return report
-        report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
-        if not reader.lines:
-            report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
+        else:
+            readers = [reader]
+            report = run_balance(self.loaded, reader.batches(), tuple(capacity_factors), progress, info)
+        report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
+        if reader.mode != "lines":
+            report.run["unrouted_tail_tokens"] = sum(r.unrouted_tail_tokens for r in readers)
         return report
 
     def compare(
         self,
-        other: Inspector | Mapping[str, Any] | Any,
+        other: Inspector | LoadOptions | Mapping[str, Any],
         texts: str | Sequence[str] | None = None,
         *,
-        files: Sequence[str | Path] | None = None,
-        seq_len: int | None = None,
-        batch_size: int = 4,
-        lines: bool = False,
-        max_tokens: int | None = None,
         scratch: str | Path | None = None,
+        **corpus_options: Any,
     ) -> CompareReport:
         """Routing and output drift of ``other`` (model B) against this model (A) on the same token batches.
 
-        ``other`` is an Inspector (both are already in memory, so each batch runs through both in turn) or load
-        options (a dict or options object with ``load``'s keywords plus ``model``): then B is loaded only after A's
-        pass left its record on disk. Returns ``.layers``, ``.experts``, ``.summary`` (schemas ``COMPARE_*``).
+        ``other`` is an Inspector (both are already in memory, so each batch runs through both in turn) or
+        ``LoadOptions`` (or a dict of its fields): then B is loaded only after A's pass left its record on disk.
+        ``corpus_options`` are those of ``corpus``. Returns ``.layers``, ``.experts``, ``.summary`` (schemas
+        ``COMPARE_*``).
         """
         from moe_inspect.analysis.compare import check_same_tokenizer, compare_together, compare_two_pass
 
-        reader = self.corpus(
-            texts, files=files, seq_len=seq_len, batch_size=batch_size, lines=lines, max_tokens=max_tokens
-        )
+        reader = self.corpus(texts, **corpus_options)
         info = {
-            "corpus": [f.describe() for f in reader.files],
             "seq_len": reader.seq_len,
             "batch_size": reader.batch_size,
-            "mode": "lines" if reader.lines else "packed",
+            "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
         if isinstance(other, Inspector):
             check_same_tokenizer(self.tokenizer, other.tokenizer)
             reader.check_long_enough()
-            return compare_together(self.loaded, other.loaded, reader.batches(), run_info=info)
-        options = dict(other) if isinstance(other, Mapping) else dict(vars(other))
-        model_id = resolve_model(options.get("model"))[0]
-        tokenizer = load_tokenizer(model_id, options.get("revision"), bool(options.get("trust_remote_code")))
-        check_same_tokenizer(self.tokenizer, tokenizer)
-        reader.check_long_enough()
-        return compare_two_pass(
-            lambda: self.loaded,
-            lambda: load_model(tokenizer=tokenizer, **options),
-            reader.batches(),
-            scratch=scratch,
-            run_info=info,
-        )
+            report = compare_together(self.loaded, other.loaded, reader.batches(), run_info=info)
+        else:
+            options = other if isinstance(other, LoadOptions) else LoadOptions(**dict(other))
+            model_id = resolve_model(options.model)[0]
+            tokenizer = load_tokenizer(model_id, options.revision, options.trust_remote_code)
+            check_same_tokenizer(self.tokenizer, tokenizer)
+            reader.check_long_enough()
+            report = compare_two_pass(
+                lambda: self.loaded,
+                lambda: load_model(options, tokenizer=tokenizer),
+                reader.batches(),
+                scratch=scratch,
+                run_info=info,
+            )
+        report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
+        return report
+
+    def _check_layers(self, layers: Iterable[int]) -> set[int]:
+        """The selection, refused when empty or when it names a layer with no router."""
+        selected = set(layers)
+        known = {spec.layer for spec in self.loaded.routers}
+        unknown = selected - known
+        if not selected or unknown:
+            what = "selects no layer" if not selected else f"names layer(s) {layer_ranges(unknown)} with no router"
+            raise UserError(f"`layers` {what}; this model's MoE layers are {layer_ranges(known)}.")
+        return selected
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
@@ -178,11 +190,13 @@ class Inspector:
 
         ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``.
         """
+        selected = self._check_layers(layers) if layers is not None else None
         encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
-            raise ValueError("the prompt tokenized to zero tokens")
+            raise UserError("The prompt tokenized to zero tokens.")
         prompt_len = int(input_ids.shape[1])
+        check_prompt_length(prompt_len, generate, positions_limit(self.model.config))
         with torch.inference_mode(), capture(self.loaded.routers) as cap:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
@@ -191,9 +205,11 @@ class Inspector:
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
-        frame = route_frame(self.loaded.routers, cap.calls, token_ids, self._token_strings(token_ids), phases)
-        if layers is not None:
-            frame = frame[frame["layer"].isin(set(layers))].reset_index(drop=True)
+        strings = self._token_strings(token_ids)
+        raw = token_bytes(self.tokenizer, token_ids, strings)
+        frame = route_frame(self.loaded.routers, cap.calls, token_ids, strings, phases, raw)
+        if selected is not None:
+            frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         frame.attrs.update(
             text=text,
             prompt_tokens=prompt_len,
@@ -219,38 +235,26 @@ class Inspector:
         )
         sequence = out.sequences
         if sequence.shape[1] > input_ids.shape[1]:
+            # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
+            new_name = "cache" in getattr(out, "__dataclass_fields__", {})
+            cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
             self.model(
-                input_ids=sequence[:, -1:],
-                attention_mask=torch.ones_like(sequence),
-                past_key_values=out.past_key_values,
-                use_cache=True,
+                input_ids=sequence[:, -1:], attention_mask=torch.ones_like(sequence), use_cache=True, **cache
             )
         return sequence[0]
 
 
-def load(
-    model: str | None = None,
-    *,
-    tokenizer: Any = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    device_map: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-) -> Inspector:
-    """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector."""
-    return Inspector(
-        load_model(
-            model,
-            tokenizer=tokenizer,
-            dtype=dtype,
-            device=device,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-        )
-    )
+def load(model: str | LoadOptions | None = None, *, tokenizer: Any = None, **fields: Any) -> Inspector:
+    """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector.
+
+    ``fields`` are those of ``LoadOptions`` (dtype, device, revision, trust_remote_code, device_map,
+    load_in_4bit, load_in_8bit); or pass one ``LoadOptions`` as ``model``.
+    """
+    if isinstance(model, LoadOptions):
+        options = replace(model, **fields) if fields else model
+    else:
+        unknown = sorted(set(fields) - set(LoadOptions.field_names()))
+        if unknown:
+            raise TypeError(f"load() got unexpected keyword argument(s): {', '.join(unknown)}")
+        options = LoadOptions(model=model, **fields)
+    return Inspector(load_model(options, tokenizer=tokenizer))

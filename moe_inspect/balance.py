@@ -16,11 +16,12 @@ import torch
 from moe_inspect.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
-from moe_inspect.export import write_csv, write_json
+from moe_inspect.errors import UserError
+from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
 
-DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 _PACKAGES = ("moe-inspect", "torch", "transformers", "accelerate", "tokenizers", "bitsandbytes", "pandas")
 
 Progress = Callable[[Batch], None]
@@ -40,14 +41,25 @@ class BalanceReport:
         return bool(self.run.get("partial"))
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """layers.csv, experts.csv, coactivation.csv and run.json, each written atomically."""
-        out = Path(out_dir)
-        return [
-            write_csv(self.layers, out / "layers.csv"),
-            write_csv(self.experts, out / "experts.csv"),
-            write_csv(self.coactivation, out / "coactivation.csv"),
-            write_json(self.run, out / "run.json"),
-        ]
+        """layers.csv, experts.csv, coactivation.csv and run.json, swapped into ``out_dir`` as one set."""
+
+        def write_all(out: Path) -> list[Path]:
+            return [
+                write_csv(self.layers, out / "layers.csv"),
+                write_csv(self.experts, out / "experts.csv"),
+                write_csv(self.coactivation, out / "coactivation.csv"),
+                write_json(self.run, out / "run.json"),
+            ]
+
+        return replace_folder(out_dir, write_all)
+
+
+def check_capacity_factors(factors: tuple[float, ...]) -> tuple[float, ...]:
+    """Capacity ceil(cf * T * k / E) is meaningless at cf <= 0 (every assignment dropped): refuse it."""
+    bad = [f for f in factors if not f > 0]  # also NaN
+    if bad:
+        raise UserError(f"A capacity factor must be positive, not {', '.join(f'{f:g}' for f in bad)}.")
+    return tuple(factors)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -105,6 +117,7 @@ def run_balance(
     With ``sources`` (name, batches) instead, each source is accumulated on its own and the tables get a
     ``source`` column: one block of rows per source, then ``all`` (their sums, which equal one run over all).
     """
+    capacity_factors = check_capacity_factors(capacity_factors)
     streams = list(sources) if sources is not None else [("all", batches)]
     accumulators: list[tuple[str, BalanceAccumulator]] = []
     tokens = 0

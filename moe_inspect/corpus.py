@@ -1,22 +1,20 @@
 """Corpus files: validated before any model loads, then streamed as token batches of bounded size.
 
 Memory stays flat whatever the file size: text is read in blocks, tokenized, packed into windows and
-handed out batch by batch.
+handed out batch by batch. Standard input is never copied anywhere: it is validated, hashed and tokenized
+as it arrives, so `--max-tokens` bounds what is read and an endless pipe fills no disk.
 """
 
 from __future__ import annotations
 
-import atexit
 import codecs
 import hashlib
 import io
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -24,6 +22,90 @@ from moe_inspect.errors import UserError
 
 _BLOCK = 1 << 20  # bytes read per step when hashing and validating
 _TEXT_BLOCK = 1 << 18  # characters tokenized per step when packing
+
+
+class _Validator:
+    """One pass of checks over a byte stream: UTF-8, no NUL, not blank; with its size and sha256."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.digest = hashlib.sha256()
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.size = 0
+        self.has_text = False
+
+    def feed(self, block: bytes) -> None:
+        if b"\x00" in block:
+            raise UserError(f"Corpus file {self.label} looks binary (it contains NUL bytes); pass UTF-8 text.")
+        try:
+            text = self.decoder.decode(block)
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"Corpus file {self.label} is not UTF-8 text (invalid byte at offset {self.size + exc.start})."
+            ) from None
+        self.has_text = self.has_text or bool(text.strip())
+        self.digest.update(block)
+        self.size += len(block)
+
+    def finish(self) -> None:
+        try:
+            self.decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"Corpus file {self.label} is not UTF-8 text (it ends inside a character).") from None
+        if not self.has_text:
+            raise UserError(f"Corpus file {self.label} is empty.")
+
+
+class StdinStream:
+    """Standard input, read once: checked and hashed as it arrives, never spooled to disk.
+
+    The first reader's bytes are kept so the second reader (the run, after the pre-load check peeked at
+    the first window) sees the stream from its start; later bytes are read, used and dropped.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._read = getattr(raw, "read1", raw.read)  # read1: what has arrived, without waiting for a full block
+        self._kept: list[bytes] = []
+        self._keeping = True
+        self.check = _Validator("standard input")
+        self.done = False
+
+    def blocks(self) -> Iterator[bytes]:
+        """Bytes from the start of the stream (what an earlier reader took is replayed first)."""
+        keep, self._keeping = self._keeping, False
+        yield from list(self._kept)
+        while not self.done:
+            block = self._read(_BLOCK)
+            if not block:
+                self.done = True
+                self.check.finish()
+                return
+            self.check.feed(block)
+            if keep:
+                self._kept.append(block)
+            yield block
+
+    def open_text(self) -> io.TextIOBase:
+        return io.TextIOWrapper(io.BufferedReader(_BlockReader(self.blocks())), encoding="utf-8", newline="")
+
+
+class _BlockReader(io.RawIOBase):
+    """A raw stream over an iterator of byte blocks (for TextIOWrapper)."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks = blocks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._pending:
+            self._pending = next(self._blocks, b"")
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 @dataclass(frozen=True)
@@ -35,6 +117,7 @@ class CorpusFile:
     size: int
     sha256: str
     text: str | None = None  # in-memory text from the Python API instead of a file
+    stream: StdinStream | None = None  # standard input: size and hash are known once it has been read
 
     @classmethod
     def from_text(cls, text: str, name: str) -> CorpusFile:
@@ -45,10 +128,15 @@ class CorpusFile:
         """A text stream over the file or the in-memory text; newlines kept as they are."""
         if self.text is not None:
             return io.StringIO(self.text, newline="")
+        if self.stream is not None:
+            return self.stream.open_text()
         assert self.path is not None
         return self.path.open("r", encoding="utf-8", newline="")
 
     def describe(self) -> dict[str, Any]:
+        if self.stream is not None:  # what was read of it (all of it unless max_tokens stopped early)
+            check = self.stream.check
+            return {"path": self.name, "bytes": check.size, "sha256": check.digest.hexdigest()}
         return {"path": self.name, "bytes": self.size, "sha256": self.sha256}
 
 
@@ -62,48 +150,27 @@ class Batch:
     bytes_done: int  # corpus bytes consumed so far (for progress)
 
 
-def _spool_stdin() -> Path:
-    with tempfile.NamedTemporaryFile(prefix="moe-inspect-stdin-", suffix=".txt", delete=False) as handle:
-        atexit.register(Path(handle.name).unlink, missing_ok=True)  # a piped corpus can be gigabytes
-        shutil.copyfileobj(sys.stdin.buffer, handle)
-    return Path(handle.name)
-
-
 def check_file(name: str) -> CorpusFile:
     """Validate one file in a single pass (UTF-8, no NUL bytes, not blank) and hash it.
 
-    '-' reads standard input into a temporary file first, so it can be validated and re-read.
+    '-' is standard input: it is checked as it is read, so its errors surface when the first window is
+    tokenized (still before the model loads, through ``CorpusReader.check_long_enough``).
     """
-    path = _spool_stdin() if name == "-" else Path(name).expanduser()
-    label = "standard input" if name == "-" else f"'{name}'"
+    if name == "-":
+        return CorpusFile(name=name, path=None, size=0, sha256="", stream=StdinStream(sys.stdin.buffer))
+    path = Path(name).expanduser()
+    label = f"'{name}'"
     if not path.exists():
-        raise UserError(f"Corpus file {label} does not exist.")
+        hint = "; flags take no value" if name.lower() in {"true", "false", "yes", "no", "on", "off"} else ""
+        raise UserError(f"Corpus file {label} does not exist{hint}.")
     if path.is_dir():
         raise UserError(f"Corpus file {label} is a directory; pass text files.")
-    digest = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    size = 0
-    has_text = False
+    check = _Validator(label)
     with path.open("rb") as handle:
         while block := handle.read(_BLOCK):
-            if b"\x00" in block:
-                raise UserError(f"Corpus file {label} looks binary (it contains NUL bytes); pass UTF-8 text.")
-            try:
-                text = decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                raise UserError(
-                    f"Corpus file {label} is not UTF-8 text (invalid byte at offset {size + exc.start})."
-                ) from None
-            has_text = has_text or bool(text.strip())
-            digest.update(block)
-            size += len(block)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise UserError(f"Corpus file {label} is not UTF-8 text (it ends inside a character).") from None
-    if not has_text:
-        raise UserError(f"Corpus file {label} is empty.")
-    return CorpusFile(name=name, path=path, size=size, sha256=digest.hexdigest())
+            check.feed(block)
+    check.finish()
+    return CorpusFile(name=name, path=path, size=check.size, sha256=check.digest.hexdigest())
 
 
 def check_files(names: list[str]) -> list[CorpusFile]:
@@ -149,10 +216,20 @@ class CorpusReader:
     batch_size: int
     lines: bool = False
     max_tokens: int | None = None
+    # Each source is a document: packed into windows of its own, its last partial window routed too (padded).
+    # The API's default for in-memory texts, so a list of short texts is not refused as "too short".
+    documents: bool = False
     unrouted_tail_tokens: int = field(default=0, init=False)  # set once the packed stream is exhausted
 
     @property
-    def total_bytes(self) -> int:
+    def mode(self) -> str:
+        return "lines" if self.lines else "documents" if self.documents else "packed"
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Bytes to read, for progress; None when standard input is among the files (its end is unknown)."""
+        if any(f.stream is not None for f in self.files):
+            return None
         return sum(f.size for f in self.files)
 
     def check_long_enough(self) -> None:
@@ -161,8 +238,8 @@ class CorpusReader:
             if self.lines:
                 raise UserError("The corpus has no non-empty line.")
             raise UserError(
-                f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller --seq-len "
-                "or use --lines."
+                f"The corpus is shorter than one window of {self.seq_len} tokens; pass a smaller `seq_len` "
+                "or use `lines=True`."
             )
 
     def _windows(self) -> Iterator[tuple[list[int], int]]:
@@ -179,7 +256,10 @@ class CorpusReader:
                 for start in range(0, full, self.seq_len):
                     yield buffer[start : start + self.seq_len], done
                 del buffer[:full]
-            self.unrouted_tail_tokens += len(buffer)  # each file's last partial window is not routed
+            if self.documents and buffer and buffer != prefix:
+                yield buffer, done
+            else:
+                self.unrouted_tail_tokens += len(buffer)  # each file's last partial window is not routed
 
     def _line_sequences(self) -> Iterator[tuple[list[int], int]]:
         done = 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "probabilities", "product_key"]
+from moe_inspect.metrics import Scoring
+
 # How the k chosen weights are normalised: by the module's norm_topk_prob ("config"), always, never, or as a
 # softmax over the chosen experts' logits (top-k first, then softmax).
 WeightNorm = Literal["config", "always", "never", "softmax_over_chosen"]

@@ -75,7 +75,9 @@ __all__ = [
 
 ArrayLike = torch.Tensor | np.ndarray | list[float] | list[int]
 Number = int | float | torch.Tensor
-Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "probabilities"]
+# How a family scores experts; the one definition (families.py and routers.py import it). "product_key" (Doge)
+# scores half-keys, not experts, so ``routing_distribution`` does not take it (capture has its own rule).
+Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "probabilities", "product_key"]
 SCORINGS: tuple[str, ...] = ("softmax", "sigmoid", "sqrtsoftplus", "probabilities")
 
 _TINY32 = torch.finfo(torch.float32).tiny

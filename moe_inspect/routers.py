@@ -21,11 +21,13 @@ from moe_inspect.errors import NotMoEError
 from moe_inspect.families import (
     ROUTER_PARSERS,
     Parser,
-    Scoring,
     facts_for,
     null_expert_count,
     scoring_for,
 )
+from moe_inspect.metrics import Scoring
+from moe_inspect.schemas import router_label
+from moe_inspect.source import text_config
 
 EXPERT_COUNT_ATTRS = (
     "num_experts",
@@ -77,7 +79,7 @@ class RouterSpec:
     @property
     def label(self) -> str:
         """Short column label: the layer index, suffixed for JetMoE's attention routers."""
-        return f"{self.layer}{'a' if self.kind == 'attention' else ''}"
+        return router_label(self.layer, self.kind)
 
     def describe(self) -> dict[str, Any]:
         """Plain-data view for tables, JSON and the Python API."""
@@ -216,8 +218,12 @@ def moe_block(model: nn.Module, spec: RouterSpec) -> nn.Module | None:
     return parent_module(model, spec.path)
 
 
+def _has_shared(block: nn.Module | None) -> bool:
+    return block is not None and any(getattr(block, a, None) is not None for a in SHARED_ATTRS)
+
+
 def _shared_experts(parent: nn.Module | None, config: Any) -> int:
-    if parent is None or not any(getattr(parent, a, None) is not None for a in SHARED_ATTRS):
+    if not _has_shared(parent):
         return 0
     count = int_attr(config, SHARED_COUNT_KEYS, -1)
     return count or 1
@@ -349,16 +355,54 @@ def find_routers_heuristic(model: nn.Module, sample: torch.Tensor) -> list[Route
         f"(modules whose output has {experts} columns). Check them with `moe-inspect route`.",
         stacklevel=2,
     )
-    specs = []
-    for i, path in enumerate(outermost):
-        mod, out_index = hits[path]
+    return [
+        heuristic_spec(i, path, hits[path][0], model_type, experts, top_k, logits_index=hits[path][1])
+        for i, path in enumerate(outermost)
+    ]
+
+
+def heuristic_spec(
+    index: int,
+    path: str,
+    module: nn.Module,
+    model_type: str,
+    num_experts: int,
+    top_k: int,
+    logits_index: int = 0,
+    shared_experts: int = 0,
+) -> RouterSpec:
+    """A router found without a class declaration: Mixtral-style softmax top-k assumed, flagged ``heuristic``."""
+    return RouterSpec(
+        index=index, layer=layer_index(path), path=path, kind="mlp", model_type=model_type,
+        router_class=type(module).__name__, num_experts=num_experts, top_k=min(top_k, num_experts), null_experts=0,
+        null_label="null", scoring="softmax", parser="tuple" if logits_index == 0 else "logits_only",
+        logits_index=logits_index, selection="top-k", shared_experts=shared_experts, heuristic=True, module=module,
+    )
+
+
+def find_routers_structural(model: nn.Module, config: Any) -> list[RouterSpec]:
+    """Remote-code fallback on a meta model: blocks with an ``experts`` child and a gate/router beside it.
+
+    A forward pass is impossible on meta tensors, so this reads structure (names) instead of the output
+    shape that ``find_routers_heuristic`` uses on loaded models. Flagged ``heuristic``.
+    """
+    text = text_config(config)
+    model_type = getattr(config, "model_type", "unknown")
+    top_k = int_attr(text, TOP_K_ATTRS) or 1
+    specs: list[RouterSpec] = []
+    for path, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        gate_name = next((n for n in ("gate", "router") if isinstance(getattr(module, n, None), nn.Module)), None)
+        if not isinstance(experts, nn.Module) or gate_name is None:
+            continue
+        count = len(experts) if isinstance(experts, nn.ModuleList) else int_attr(text, EXPERT_COUNT_ATTRS)
+        if not count:
+            continue
+        shared = (int_attr(text, SHARED_COUNT_KEYS) or 1) if _has_shared(module) else 0
+        gate_path = f"{path}.{gate_name}" if path else gate_name
         specs.append(
-            RouterSpec(
-                index=i, layer=layer_index(path), path=path, kind="mlp", model_type=model_type,
-                router_class=type(mod).__name__, num_experts=experts, top_k=top_k, null_experts=0,
-                null_label="null", scoring="softmax", parser="tuple" if out_index == 0 else "logits_only",
-                logits_index=out_index, selection="top-k", shared_experts=0, heuristic=True, module=mod,
-            )
+            heuristic_spec(len(specs), gate_path, getattr(module, gate_name), model_type, count, top_k,
+                           shared_experts=shared)
         )
     return specs
 

@@ -6,7 +6,12 @@ pivots and groups without reshaping.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
+
+# The capacity factors whose drop rates the layers table holds unless others are asked for.
+DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ ROUTE = Schema(
         Column("router", "string", "'mlp', or 'attention' for JetMoE's mixture-of-attention router"),
         Column("phase", "string", "'prefill' for prompt tokens, 'decode' for generated tokens"),
         Column("expert_type", "string", "'routed', or the family's null expert kind ('zero', 'skip')"),
+        Column("token_bytes", "string", "the token's exact bytes in hex, e.g. '<E6 9D>' (tells partial UTF-8 apart)"),
     ),
 )
 
@@ -131,7 +137,6 @@ ROUTERS = Schema(
     ),
 )
 
-ALL = (ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS)
 
 COMPARE_LAYERS = Schema(
     "compare_layers",
@@ -140,8 +145,8 @@ COMPARE_LAYERS = Schema(
         Column("layer", "int64", "decoder-layer index"),
         Column("tokens", "int64", "real tokens compared"),
         Column("first_choice_agreement", "float64", "share of tokens whose rank-0 expert is the same"),
-        Column("topk_overlap", "float64", "mean |S_A ∩ S_B| / k"),
-        Column("topk_jaccard", "float64", "mean |S_A ∩ S_B| / |S_A ∪ S_B|"),
+        Column("topk_overlap", "float64", "mean size of S_A ∩ S_B over k (top-k sets)"),
+        Column("topk_jaccard", "float64", "mean size of S_A ∩ S_B over size of S_A ∪ S_B"),
         Column("exact_set_agreement", "float64", "share of tokens with the same top-k set"),
         Column("weight_overlap", "float64", "mean over tokens of sum_e min(w_A, w_B), weights normalised to sum 1"),
         Column("routing_js", "float64", "mean per-token Jensen-Shannon divergence of the routing distributions, bits"),
@@ -187,7 +192,7 @@ COMPARE_SUMMARY = Schema(
 )
 
 COMPARE_RUN_LAYERS = Schema(
-    "compare_layers (runs)",
+    "compare_run_layers",
     "One row per MoE router when comparing two balance runs: the columns of compare_layers that apply.",
     (
         Column("layer", "int64", "decoder-layer index"),
@@ -197,7 +202,7 @@ COMPARE_RUN_LAYERS = Schema(
 )
 
 COMPARE_RUN_EXPERTS = Schema(
-    "compare_experts (runs)",
+    "compare_run_experts",
     "One row per (MoE router, expert) when comparing two balance runs, with OLMoE's domain specialisation.",
     (
         *COMPARE_EXPERTS.columns,
@@ -206,3 +211,46 @@ COMPARE_RUN_EXPERTS = Schema(
         Column("specialises_in", "string", "the run whose specialisation is higher and above 1, else 'neither'"),
     ),
 )
+
+ALL = (
+    ROUTE,
+    LAYERS,
+    EXPERTS,
+    COACTIVATION,
+    ROUTERS,
+    COMPARE_LAYERS,
+    COMPARE_EXPERTS,
+    COMPARE_SUMMARY,
+    COMPARE_RUN_LAYERS,
+    COMPARE_RUN_EXPERTS,
+)
+
+
+def router_label(layer: int, router: str) -> str:
+    """A table's short name for a router from its (layer, router) columns: '12', or '12a' for attention."""
+    return f"{layer}{'a' if router == 'attention' else ''}"
+
+
+_README_BLOCK = re.compile(r"<!-- schema: (\w+) -->\n(.*?)<!-- /schema -->", re.S)
+
+
+def readme_block(schema: Schema) -> str:
+    """What the README shows for a schema between its markers: the doc line, then the column table."""
+    return f"{schema.doc}\n\n{schema.markdown()}\n"
+
+
+def readme_drift(text: str) -> list[str]:
+    """Names of the schemas whose README block is missing or differs from this module (empty: in sync)."""
+    found = {m.group(1): m.group(2) for m in _README_BLOCK.finditer(text)}
+    return [s.name for s in ALL if found.get(s.name) != readme_block(s)]
+
+
+def sync_readme(path: str | Path) -> None:
+    """Rewrite the schema blocks of a README (between ``<!-- schema: NAME -->`` and ``<!-- /schema -->``)."""
+    path = Path(path)
+    by_name = {s.name: s for s in ALL}
+    text = _README_BLOCK.sub(
+        lambda m: f"<!-- schema: {m.group(1)} -->\n{readme_block(by_name[m.group(1)])}<!-- /schema -->",
+        path.read_text(encoding="utf-8"),
+    )
+    path.write_text(text, encoding="utf-8")

@@ -17,6 +17,7 @@ from moe_inspect.accumulate import RouterTotals
 from moe_inspect.capture import RouterOutput
 from moe_inspect.metrics import router_entropy
 from moe_inspect.routers import RouterSpec
+from moe_inspect.tokens import hex_label
 
 
 def _frame(schema: schemas.Schema, columns: dict[str, np.ndarray | list]) -> pd.DataFrame:
@@ -50,6 +51,7 @@ def route_frame(
     token_ids: Sequence[int],
     tokens: Sequence[str],
     phases: Sequence[str] | None = None,
+    token_bytes: Sequence[bytes] | None = None,
 ) -> pd.DataFrame:
     """One row per (token, router, rank), sorted by position, then router order, then rank.
 
@@ -57,6 +59,8 @@ def route_frame(
     """
     n = len(token_ids)
     phases = list(phases) if phases is not None else ["prefill"] * n
+    raw = token_bytes if token_bytes is not None else [t.encode("utf-8") for t in tokens]
+    hexes = np.asarray([hex_label(b) for b in raw], dtype=object)
     parts: list[pd.DataFrame] = []
     for spec, router_calls in zip(routers, calls, strict=True):
         if not router_calls:
@@ -79,6 +83,7 @@ def route_frame(
                     "position": position,
                     "token_id": np.asarray(token_ids)[position],
                     "token": np.asarray(tokens, dtype=object)[position],
+                    "token_bytes": hexes[position],
                     "layer": spec.layer,
                     "rank": np.tile(np.arange(k), n),
                     "expert": expert_flat,
@@ -95,7 +100,7 @@ def route_frame(
     if not parts:
         return _frame(schemas.ROUTE, {name: [] for name in schemas.ROUTE.names})
     frame = pd.concat(parts, ignore_index=True)
-    frame = frame.sort_values(["position", "_order", "rank"], kind="stable").drop(columns="_order")
+    frame = frame.sort_values(["position", "_order", "rank"], kind="stable")[schemas.ROUTE.names]
     return frame.reset_index(drop=True).astype(schemas.ROUTE.dtypes)
 
 

@@ -1,6 +1,8 @@
-"""Human-readable sizes and counts, shared by every renderer and status line."""
+"""Human-readable sizes, counts and layer lists, shared by every renderer, status line and error sentence."""
 
 from __future__ import annotations
+
+from itertools import groupby
 
 
 def human_bytes(n: float) -> str:
@@ -17,3 +19,13 @@ def human_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)}"
+
+
+def layer_ranges(layers: list[int] | set[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8': 61 layer numbers stay one short line."""
+    parts: list[str] = []
+    ordered = sorted(layers)
+    for _, run in groupby(enumerate(ordered), key=lambda pair: pair[1] - pair[0]):
+        values = [value for _, value in run]
+        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
+    return ", ".join(parts)

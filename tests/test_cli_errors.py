@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import assert_no_exception, assert_one_line_error
 from typer.testing import CliRunner
 
 from moe_inspect.cli import app
@@ -15,13 +16,8 @@ from moe_inspect.errors import NotMoEError
 runner = CliRunner()
 
 
-def _fails_cleanly(args: list[str], needle: str, stdin: str | None = None) -> str:
-    result = runner.invoke(app, args, input=stdin)
-    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
-    assert result.exit_code == 2, output
-    assert "Traceback" not in output
-    assert needle in output, output
-    return output
+def _fails_cleanly(args: list[str], needle: str, stdin: str | None = None, after_load: bool = False) -> str:
+    return assert_one_line_error(runner.invoke(app, args, input=stdin), needle, after_load=after_load)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +46,25 @@ def test_missing_model_folder() -> None:
     _fails_cleanly(["route", "hi", "-m", "./no/such/model"], "No model folder at './no/such/model'.")
 
 
+def test_real_cli_process_prints_one_sentence(tmp_path: Path) -> None:
+    """The console entry point in its own process (no CliRunner): exit 2, one stderr line, nothing on stdout."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run(
+        [sys.executable, "-c", "from moe_inspect.cli import main; main()", "route", "hi", "-m", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"Error: The folder {tmp_path} has no config.json."] or (
+        len(lines) == 1 and lines[0].startswith("Error: ") and "has no config.json" in lines[0]
+    ), lines
+
+
 def test_folder_without_config(tmp_path: Path) -> None:
     _fails_cleanly(["route", "hi", "-m", str(tmp_path)], "has no config.json")
 
@@ -68,7 +83,7 @@ def test_dense_model_is_not_moe(dense_dir: Path) -> None:
 def test_bad_options(tiny_dir) -> None:
     model = str(tiny_dir("mixtral"))
     _fails_cleanly(["route", "hi", "-m", model, "--layers", "3-1"], "--layers")
-    _fails_cleanly(["route", "hi", "-m", model, "--layers", "40"], "matches no MoE layer")
+    _fails_cleanly(["route", "hi", "-m", model, "--layers", "40"], "with no router", after_load=True)
     _fails_cleanly(["route", "hi", "-m", model, "--device", "tpu"], "--device must be")
     _fails_cleanly(["route", "  ", "-m", model], "The prompt is empty.")
     _fails_cleanly(["route", "hi", "-m", model, "--load-in-4bit", "--load-in-8bit"], "Choose one of")
@@ -76,18 +91,39 @@ def test_bad_options(tiny_dir) -> None:
         _fails_cleanly(["route", "hi", "-m", model, "--device", "cuda"], "no CUDA device is available")
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_broken_weights_are_one_sentence(tiny_dir, tmp_path: Path, damage: str) -> None:
+    """A model folder whose weights are garbage or absent: the loader's failure becomes one sentence."""
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_dir("mixtral"), tmp_path / "model"))
+    if damage == "corrupt":
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
+    else:
+        (folder / "model.safetensors").unlink()
+    needle = f"Could not load '{folder}'"
+    error = _fails_cleanly(["route", "hi", "-m", str(folder)], needle)
+    assert ("deserializing header" if damage == "corrupt" else "no file named model.safetensors") in error
+
+
+def test_route_output_errors_are_one_sentence(tiny_dir, tmp_path: Path) -> None:
+    """--csv naming a directory is refused before the model loads (it used to fail after, with a traceback)."""
+    _fails_cleanly(["route", "hi", "-m", str(tiny_dir("mixtral")), "--csv", str(tmp_path)], "is a folder; name a file")
+
+
 def test_prompt_from_stdin(tiny_dir, tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
     result = runner.invoke(app, ["route", "-", "-m", str(tiny_dir("mixtral")), "--csv", str(out), "-q"], input="a b")
-    assert result.exit_code == 0, result.output
+    assert_no_exception(result)
     assert out.exists()
 
 
 def test_hooks_removed_even_when_forward_raises(tiny_dir) -> None:
     from moe_inspect.capture import capture
     from moe_inspect.loading import load
+    from moe_inspect.options import LoadOptions
 
-    loaded = load(str(tiny_dir("mixtral")))
+    loaded = load(LoadOptions(str(tiny_dir("mixtral"))))
     modules = [spec.module for spec in loaded.routers]
     before = [len(m._forward_hooks) for m in modules]
     with pytest.raises(RuntimeError, match="boom"), capture(loaded.routers):
@@ -101,7 +137,7 @@ def test_not_moe_error_is_user_error() -> None:
 
 
 def test_default_model_env_var(monkeypatch: pytest.MonkeyPatch, tiny_dir) -> None:
-    from moe_inspect.loading import resolve_model
+    from moe_inspect.source import resolve_model
 
     monkeypatch.setenv("MOE_INSPECT_MODEL", str(tiny_dir("mixtral")))
     assert resolve_model(None) == (str(tiny_dir("mixtral")), False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import weakref
@@ -19,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers_models import SAMPLE_TEXT, save_tiny
-from transformers import AutoModelForCausalLM
+from tiny_models import SAMPLE_TEXT, save_tiny
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_inspect
 from moe_inspect.analysis import compare as compare_mod
@@ -29,6 +30,7 @@ from moe_inspect.api import Inspector
 from moe_inspect.capture import capture
 from moe_inspect.loading import load
 from moe_inspect.metrics import routing_distribution
+from moe_inspect.options import LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = SAMPLE_TEXT * 2
@@ -149,7 +151,7 @@ def test_figures_equal_brute_force_from_both_models(pair: tuple[Inspector, Inspe
     layers = report.layers.set_index("layer")
     assert set(layers.index) == set(expected)
     assert (layers["first_choice_agreement"] < 1).any(), "the perturbation should flip some routes"
-    assert (layers["exact_set_agreement"] > 0.2).all(), "and keep others"
+    assert (layers["exact_set_agreement"] > 0.1).all(), "and keep others (chance: 1/C(8,2) = 0.036)"
     for layer, exp in expected.items():
         row = layers.loc[layer]
         assert row["tokens"] == exp["tokens"]
@@ -176,7 +178,7 @@ def test_two_pass_equals_together_and_holds_one_model(pair: tuple[Inspector, Ins
     a_alive_when_b_loads: list[bool] = []
 
     def load_a():
-        fresh = load(a.loaded.model_id, device="cpu")  # nobody else holds this one
+        fresh = load(LoadOptions(a.loaded.model_id, device="cpu"))  # nobody else holds this one
         model_a.append(weakref.ref(fresh.model))
         return fresh
 
@@ -219,7 +221,9 @@ def test_ctrl_c_in_second_pass_says_how_far_and_cleans_up(pair: tuple[Inspector,
         if phase == "b":
             raise KeyboardInterrupt
 
-    expected = r"model B's pass after 1 of 16 batches \(48 of 768 tokens\); nothing was written"
+    batches = list(a.corpus(TEXT, **READ).batches())
+    first, total = batches[0].tokens, sum(batch.tokens for batch in batches)
+    expected = rf"model B's pass after 1 of {len(batches)} batches \({first} of {total} tokens\); nothing was written"
     with pytest.raises(Interrupted, match=expected):
         compare_two_pass(
             lambda: a.loaded, lambda: b.loaded, a.corpus(TEXT, **READ).batches(), scratch=tmp_path, progress=progress
@@ -282,12 +286,17 @@ def test_cli_4bit_against_unquantized_end_to_end(tiny_dir, corpus_file: Path, tm
 
 
 def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, corpus_file: Path, tiny_dir) -> None:
-    other_tokenizer = save_tiny("mixtral", tmp_path / "helpers-mixtral")  # 300-token BPE, tiny_dir's has 384
-    model = str(tiny_dir("mixtral"))
+    other_tokenizer = Path(shutil.copytree(tiny_dir("mixtral"), tmp_path / "other-tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(other_tokenizer)
+    tokenizer.add_tokens(["<extra>"])  # one more id: same weights, a different vocabulary
+    tokenizer.save_pretrained(other_tokenizer)
+    model, corpus = str(tiny_dir("mixtral")), str(corpus_file)
+    short = tmp_path / "short.txt"
+    short.write_text("Routers send tokens to experts.\n", encoding="utf-8")
     cases = {
-        "different tokenizers": (["-m", model, "--against", str(other_tokenizer)], "different tokenizers"),
-        "too short": (["-m", model, "--seq-len", "100000"], "shorter than one window"),
-        "parquet": (["-m", model, "--per-token", "out/t.parquet"], "pyarrow"),
+        "different tokenizers": ([corpus, "-m", model, "--against", str(other_tokenizer)], "different tokenizers"),
+        "too short": ([str(short), "-m", model, "--seq-len", "64"], "shorter than one window"),
+        "parquet": ([corpus, "-m", model, "--per-token", "out/t.parquet"], "pyarrow"),
     }
     try:
         import pyarrow  # noqa: F401
@@ -296,7 +305,7 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, corpus_file: Pa
     except ImportError:
         pass
     for name, (args, message) in cases.items():
-        result = _cli("compare", str(corpus_file), *args, "--out", "out", cwd=tmp_path)
+        result = _cli("compare", *args, "--out", "out", cwd=tmp_path)
         assert result.returncode == 2, (name, result.stderr)
         assert message in result.stderr, (name, result.stderr)
         assert "Traceback" not in result.stderr
@@ -367,7 +376,7 @@ def test_per_token_parquet_equals_csv(pair: tuple[Inspector, Inspector], tmp_pat
     csv = pd.read_csv(frames[0], keep_default_na=False)
     parquet = pd.read_parquet(frames[1])
     pd.testing.assert_frame_equal(csv, parquet, check_dtype=False)
-    assert len(csv) == 2 * sum(len(batch.input_ids.flatten()) for batch in a.corpus(TEXT, **READ).batches())
+    assert len(csv) == len(a.loaded.routers) * sum(batch.tokens for batch in a.corpus(TEXT, **READ).batches())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.parquet"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_models import LINES, SAMPLE_TEXT, save_tiny
+from tiny_models import EXPERTS, LINES, SAMPLE_TEXT, TOP_K
 
 import moe_inspect
 from moe_inspect.api import Inspector
@@ -23,8 +23,8 @@ PROSE = "The quick brown fox jumps over the lazy dog. Routers send tokens to exp
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Inspector:
-    return moe_inspect.load(str(save_tiny("mixtral", tmp_path_factory.mktemp("mixtral"))), device="cpu")
+def mixtral(tiny_inspector) -> Inspector:
+    return tiny_inspector("mixtral")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_compare_runs_against_hand_computation(runs: tuple[Path, Path]) -> None:
         assert row["load_tv"] == pytest.approx(0.5 * np.abs(sa - sb).sum(), abs=1e-12)
     experts = report.experts
     np.testing.assert_allclose(experts["share_diff"], experts["share_b"] - experts["share_a"])
-    uniform = 2 / 4  # k / E of the tiny Mixtral
+    uniform = TOP_K / EXPERTS  # k / E of the tiny Mixtral
     spec_a, spec_b = ea["token_share"] / uniform, eb["token_share"] / uniform
     leans_b = np.where((spec_b > spec_a) & (spec_b > 1), "prose", "neither")
     expected = np.where((spec_a > spec_b) & (spec_a > 1), "code", leans_b)
@@ -97,7 +97,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_compare_runs_and_balance_by_file(runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_compare_runs_and_balance_by_file(runs: tuple[Path, Path], tmp_path: Path, tiny_dir) -> None:
     code, prose = runs
     result = _cli("compare", str(code), str(prose), "--out", "cmp", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -111,7 +111,7 @@ def test_cli_compare_runs_and_balance_by_file(runs: tuple[Path, Path], tmp_path:
     for i, text in enumerate((SAMPLE_TEXT, "\n".join(LINES * 4))):
         files.append(tmp_path / f"f{i}.txt")
         files[-1].write_text(text)
-    model = str(save_tiny("mixtral", tmp_path / "model"))
+    model = str(tiny_dir("mixtral"))
     args = ["-m", model, "--seq-len", "16", "--by-file", "--out", "bf"]
     by_file = _cli("balance", *map(str, files), *args, cwd=tmp_path)
     assert by_file.returncode == 0, by_file.stderr

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers_models import LINES, SAMPLE_TEXT, make_tokenizer
-from transformers import MixtralConfig
+from tiny_models import LINES, SAMPLE_TEXT, tiny_config, train_tiny_tokenizer
 from typer.testing import CliRunner
 
 import moe_inspect.api
@@ -34,23 +33,14 @@ def _flat(rows: list[list[int]]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    return make_tokenizer(bos=True)
+    return train_tiny_tokenizer(bos=True)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     """A model folder with a config and a tokenizer but no weights: loading the model could never succeed."""
     path = tmp_path_factory.mktemp("no-weights")
-    MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        max_position_embeddings=128,
-    ).save_pretrained(path)
+    tiny_config("mixtral").save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -81,7 +71,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(cli_balance, "load_for_cli", refuse)
-    monkeypatch.setattr(moe_inspect.cli.common, "load", refuse)
+    monkeypatch.setattr(moe_inspect.api, "load", refuse)
     monkeypatch.setattr(moe_inspect.api, "load_model", refuse)
     monkeypatch.setattr(moe_inspect.loading, "load", refuse)
 
@@ -170,18 +160,43 @@ def test_check_file_messages_and_hash(tmp_path: Path, monkeypatch: pytest.Monkey
         check_file(_write(tmp_path / "bad.txt", b"abc\xff def"))
 
 
-def test_stdin_is_spooled_validated_and_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    cleanups: list[Any] = []
-    monkeypatch.setattr(moe_inspect.corpus.atexit, "register", lambda f, *a, **k: cleanups.append((f, a, k)))
-    data = SAMPLE_TEXT.encode("utf-8")
-    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+def test_stdin_is_streamed_never_spooled(monkeypatch: pytest.MonkeyPatch, tokenizer: Any) -> None:
+    """Standard input is read as it is used: a peek before the run is replayed, and max_tokens stops reading."""
+    data = (SAMPLE_TEXT * 200).encode("utf-8")
+    raw = io.BytesIO(data)
+    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(raw))
+    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 4096)
+    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 1024)
     checked = check_file("-")
-    assert checked.name == "-" and checked.path is not None and checked.path.read_bytes() == data
-    assert checked.sha256 == hashlib.sha256(data).hexdigest()
-    assert len(cleanups) == 1  # the spooled copy of standard input is removed at exit
-    f, args, kwargs = cleanups[0]
-    f(*args, **kwargs)
-    assert not checked.path.exists()
+    assert checked.name == "-" and checked.path is None and raw.tell() == 0  # nothing read, nothing written
+    reader = CorpusReader([checked], tokenizer, 16, 4, max_tokens=64)
+    reader.check_long_enough()
+    rows = _rows(reader)
+    assert sum(len(r) for r in rows) == 64
+    assert raw.tell() < len(data) // 4  # stopped reading once max_tokens were taken
+    ids = tokenizer(SAMPLE_TEXT * 200)["input_ids"]
+    assert [t for r in rows for t in r] == ids[:64]  # the peeked bytes were replayed, in order
+    full = CorpusReader([check_file_from(data, monkeypatch)], tokenizer, 16, 4)
+    full.check_long_enough()
+    assert [t for r in _rows(full) for t in r] == ids[: len(ids) // 16 * 16]
+    assert full.files[0].describe() == {"path": "-", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_file_from(data: bytes, monkeypatch: pytest.MonkeyPatch) -> CorpusFile:
+    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    return check_file("-")
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [(b"", "standard input is empty"), (b"ok\x00", "looks binary"), (b"caf\xe9 x", "not UTF-8 text")],
+)
+def test_bad_stdin_is_refused_by_the_pre_load_check(
+    data: bytes, needle: str, monkeypatch: pytest.MonkeyPatch, tokenizer: Any
+) -> None:
+    reader = CorpusReader([check_file_from(data, monkeypatch)], tokenizer, 4, 1)
+    with pytest.raises(UserError, match=needle):
+        reader.check_long_enough()
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -223,7 +238,7 @@ def test_each_file_is_its_own_stream(tokenizer: Any) -> None:
 
 
 def test_no_bos_when_the_tokenizer_adds_none() -> None:
-    plain = make_tokenizer(bos=False)
+    plain = train_tiny_tokenizer(bos=False)
     ids = plain(SAMPLE_TEXT)["input_ids"]
     assert plain.bos_token_id not in ids
     rows = _rows(_reader(plain, [SAMPLE_TEXT], 16))

@@ -21,26 +21,38 @@ def _spec(index: int) -> RouterSpec:
     )
 
 
-def _output(device: str, tokens: int) -> RouterOutput:
-    logits = torch.randn(tokens, 8, device=device)
+def _output(device: str, tokens: int, generator: torch.Generator) -> RouterOutput:
+    logits = torch.randn(tokens, 8, generator=generator).to(device)
     weights, experts = torch.softmax(logits, -1).topk(2)
     return RouterOutput(logits=logits, experts=experts, weights=weights)
 
 
 def test_each_router_accumulates_on_its_own_device() -> None:
-    routers = [_spec(0), _spec(1)]
+    routers = [_spec(0), _spec(1), _spec(2)]
     accumulator = BalanceAccumulator(routers)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0  # left padding
+    real = mask.reshape(-1).bool()
+    generator = torch.Generator().manual_seed(0)
+    count = torch.zeros(8, dtype=torch.long)
+    first = torch.zeros(8, dtype=torch.long)
     for _ in range(2):
         accumulator.begin_batch(mask)
-        accumulator(routers[0], _output("cpu", 12))
-        accumulator(routers[1], _output("meta", 12))
+        cpu = _output("cpu", 12, generator)
+        accumulator(routers[0], cpu)
+        accumulator(routers[1], _output("meta", 12, generator))
+        meta_mask = accumulator._masks[torch.device("meta")]
+        accumulator(routers[2], _output("meta", 12, generator))
+        assert accumulator._masks[torch.device("meta")] is meta_mask  # one mask copy per device and batch
+        assert set(accumulator._masks) == {torch.device("cpu"), torch.device("meta")}
+        count += torch.bincount(cpu.experts[real].reshape(-1), minlength=8)
+        first += torch.bincount(cpu.experts[real][:, 0], minlength=8)
     states = accumulator._states
     assert states[0].count.device.type == "cpu"
-    assert {t.device.type for t in (states[1].count, states[1].coact, states[1].scalars, states[1].dropped)} == {
-        "meta"
-    }
-    assert set(accumulator._masks) == {torch.device("cpu"), torch.device("meta")}
-    assert states[0].tokens == states[1].tokens == 2 * 10
-    assert int(states[0].count.sum()) == 2 * 10 * 2
+    for state in (states[1], states[2]):
+        tensors = (state.count, state.first, state.coact, state.scalars, state.repeats, state.dropped, state.prob_sum)
+        assert {t.device.type for t in tensors} == {"meta"}
+    # the CPU router's sums are right although its neighbours live elsewhere: 2 batches x 10 real tokens
+    assert [state.tokens for state in states.values()] == [20, 20, 20]
+    assert torch.equal(states[0].count, count) and int(count.sum()) == 2 * 10 * 2
+    assert torch.equal(states[0].first, first)

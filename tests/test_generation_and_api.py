@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from cli_checks import assert_no_exception
 from typer.testing import CliRunner
 
 import moe_inspect
@@ -20,8 +21,8 @@ PROMPT = "def add(a, b): return a + b"
 
 
 @pytest.fixture(scope="module")
-def insp(tiny_dir) -> moe_inspect.Inspector:
-    return moe_inspect.load(str(tiny_dir("mixtral")))
+def insp(tiny_inspector) -> moe_inspect.Inspector:
+    return tiny_inspector("mixtral")
 
 
 def test_generation_rows_are_prompt_plus_n(insp: moe_inspect.Inspector) -> None:
@@ -52,10 +53,32 @@ def test_decode_rows_match_a_full_forward(insp: moe_inspect.Inspector) -> None:
         assert got["weight"].to_numpy().reshape(-1, k) == pytest.approx(full.weights.numpy(), abs=1e-5)
 
 
+def _generated(frame: pd.DataFrame) -> list[int]:
+    tokens = frame.drop_duplicates("position")
+    return tokens[tokens["phase"] == "decode"]["token_id"].tolist()
+
+
 def test_sampling_is_seeded(insp: moe_inspect.Inspector) -> None:
     a = insp.route(PROMPT, generate=8, temperature=1.5, seed=3)
     b = insp.route(PROMPT, generate=8, temperature=1.5, seed=3)
     pd.testing.assert_frame_equal(a, b)
+    # ... and really sampled: not the greedy tokens, and another seed gives others
+    greedy = insp.route(PROMPT, generate=8)
+    assert _generated(a) != _generated(greedy)
+    assert _generated(a) != _generated(insp.route(PROMPT, generate=8, temperature=1.5, seed=4))
+    assert _generated(greedy) == _generated(insp.route(PROMPT, generate=8, seed=4))  # greedy ignores the seed
+
+
+def test_temperature_and_seed_through_the_cli(insp: moe_inspect.Inspector, tiny_dir, tmp_path: Path) -> None:
+    """`route --generate N --temperature T --seed S` writes what the API returns for the same arguments."""
+    out = tmp_path / "sampled.csv"
+    args = ["route", PROMPT, "-m", str(tiny_dir("mixtral")), "--generate", "6", "--csv", str(out), "-q"]
+    result = CliRunner().invoke(app, [*args, "--temperature", "1.5", "--seed", "7"])
+    assert_no_exception(result)
+    from_csv = pd.read_csv(out, keep_default_na=False).astype(schemas.ROUTE.dtypes)
+    api = insp.route(PROMPT, generate=6, temperature=1.5, seed=7)
+    pd.testing.assert_frame_equal(from_csv, api, check_exact=False, rtol=1e-6)
+    assert _generated(from_csv) != _generated(insp.route(PROMPT, generate=6))
 
 
 def test_api_route_equals_csv(insp: moe_inspect.Inspector, tiny_dir, tmp_path: Path) -> None:
@@ -103,11 +126,17 @@ def test_layers_filter(insp: moe_inspect.Inspector) -> None:
     assert set(frame["layer"]) == {layer}
 
 
-def test_device_map_auto_loads_and_routes(tiny_dir) -> None:
-    """accelerate placement (all on the CPU here) keeps capture working; input goes to the embedding's device."""
+def test_device_map_auto_loads_and_routes(tiny_dir, tiny_inspector) -> None:
+    """accelerate placement (all on the CPU here) keeps capture working: the same frames as a plain load."""
     insp = moe_inspect.load(str(tiny_dir("qwen3_moe")), device_map="auto")
+    plain = tiny_inspector("qwen3_moe")
     assert insp.loaded.device == "auto"
+    assert [spec.path for spec in insp.loaded.routers] == [spec.path for spec in plain.loaded.routers]
     frame = insp.route(PROMPT)
-    assert set(frame["layer"]) == {spec.layer for spec in insp.loaded.routers}
+    assert set(frame["layer"]) == {spec.layer for spec in insp.loaded.routers} == {1, 2}
+    pd.testing.assert_frame_equal(frame, plain.route(PROMPT))
     report = insp.balance(PROMPT * 20, seq_len=16)
-    assert int(report.layers["tokens"].iloc[0]) == report.run["tokens"] > 0
+    want = plain.balance(PROMPT * 20, seq_len=16)
+    assert int(report.layers["tokens"].iloc[0]) == report.run["tokens"] == want.run["tokens"] > 0
+    for name in ("layers", "experts", "coactivation"):
+        pd.testing.assert_frame_equal(getattr(report, name), getattr(want, name))

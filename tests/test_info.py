@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from moe_inspect.cli.info import info
 from moe_inspect.errors import UserError
-from moe_inspect.params import BYTES_PER_PARAM, ModelInfo, build_meta_model, describe, load_config
+from moe_inspect.info import BYTES_PER_PARAM, ModelInfo, build_meta_model, describe
 from moe_inspect.render.info import layer_ranges, render_info
+from moe_inspect.source import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 JSON_KEYS = {
@@ -68,12 +69,13 @@ def test_mixtral_matches_published_figures(mixtral: ModelInfo) -> None:
     assert mixtral.model_class == "MixtralForCausalLM"
     assert mixtral.total_params == 46_702_792_704  # "46.7B"
     assert mixtral.routed_expert_params == 45_097_156_608
-    assert mixtral.active_params == pytest.approx(12.88e9, rel=0.005)  # "12.9B active"
+    # "12.9B active": the total minus 6 of 8 experts (3 * 4096 * 14336 each) in 32 layers, worked out by hand
+    assert mixtral.active_params == 46_702_792_704 - 32 * 6 * 3 * 4096 * 14336 == 12_879_925_248
     assert (mixtral.num_layers, mixtral.moe_layers, mixtral.dense_layers) == (32, list(range(32)), [])
     assert (mixtral.num_experts, mixtral.top_k, mixtral.shared_experts) == (8, 2, 0)
     assert not mixtral.tied_embeddings
     assert mixtral.input_embedding_params == 32000 * 4096
-    assert mixtral.active_params_excl_input_embedding == mixtral.active_params - 32000 * 4096
+    assert mixtral.active_params_excl_input_embedding == 12_879_925_248 - 32000 * 4096 == 12_748_853_248
     assert "softmax" in mixtral.routing_rule.lower() and "top-2" in mixtral.routing_rule
 
 
@@ -81,7 +83,10 @@ def test_deepseek_v3_matches_published_figures(deepseek: ModelInfo) -> None:
     assert deepseek.model_type == "deepseek_v3"
     assert deepseek.total_params == 671_026_404_352  # 671B: transformers does not build the MTP layer
     assert deepseek.routed_expert_params == 653_908_770_816
-    assert deepseek.active_params == pytest.approx(37.55e9, rel=0.005)  # "37B activated"
+    # "37B activated": 248 of 256 experts (3 * 7168 * 2048 each) idle in each of the 58 MoE layers
+    assert deepseek.active_params == 671_026_404_352 - 58 * 248 * 3 * 7168 * 2048 == 37_552_282_624
+    assert deepseek.input_embedding_params == 129_280 * 7168
+    assert deepseek.active_params_excl_input_embedding == 37_552_282_624 - 129_280 * 7168
     assert deepseek.num_layers == 61
     assert deepseek.moe_layers == list(range(3, 61)) and len(deepseek.moe_layers) == 58
     assert deepseek.dense_layers == [0, 1, 2]
@@ -103,12 +108,16 @@ def test_active_is_total_minus_unchosen_experts(deepseek: ModelInfo) -> None:
     assert sum(entry.routed_expert_params for entry in deepseek.layers) == deepseek.routed_expert_params
 
 
-def test_memory_table(mixtral: ModelInfo) -> None:
-    assert set(mixtral.memory) == {"fp32", "bf16", "fp8", "int8", "int4"}
-    for dtype, size in BYTES_PER_PARAM.items():
-        assert mixtral.memory[dtype]["all"] == pytest.approx(mixtral.total_params * size, abs=1)
-        assert mixtral.memory[dtype]["active"] == pytest.approx(mixtral.active_params * size, abs=1)
-    assert mixtral.memory["bf16"]["all"] == 2 * 46_702_792_704
+def test_memory_table(mixtral: ModelInfo, deepseek: ModelInfo) -> None:
+    """Weight bytes from the published parameter counts and the formats' own sizes (not the code's constants)."""
+    assert set(mixtral.memory) == set(BYTES_PER_PARAM) == {"fp32", "bf16", "fp8", "int8", "int4"}
+    bits = {"fp32": 32, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
+    published = ((mixtral, 46_702_792_704, 12_879_925_248), (deepseek, 671_026_404_352, 37_552_282_624))
+    for described, total, active in published:
+        for dtype, width in bits.items():
+            assert described.memory[dtype] == {"all": total * width // 8, "active": active * width // 8}, dtype
+    assert mixtral.memory["bf16"]["all"] == 93_405_585_408  # 86.99 GiB
+    assert deepseek.memory["fp8"]["all"] == 671_026_404_352  # the published FP8 checkpoint: one byte a weight
 
 
 def test_deepseek_v3_is_fast_and_allocates_nothing() -> None:
@@ -223,7 +232,7 @@ def test_remote_code_model_matched_by_structure(tmp_path: Path) -> None:
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 6, "num_experts_per_tok": 2,
     }
     write_remote_code(tmp_path, "tiny_info_remote_moe", config)
-    with pytest.raises(UserError, match="--trust-remote-code"):
+    with pytest.raises(UserError, match="`trust_remote_code=True`"):
         load_config(str(tmp_path))
     remote = describe(load_config(str(tmp_path), trust_remote_code=True), trust_remote_code=True)
     native = _tiny(

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import bitsandbytes  # noqa: F401  (the test extra installs it: a broken install must fail, not skip)
 import pytest
 import torch
+from experts_truth import experts_module
 from torch import nn
-
-pytest.importorskip("bitsandbytes")
 
 from moe_inspect.capture import capture
 from moe_inspect.loading import load
+from moe_inspect.options import LoadOptions
 
 PROMPT = "def add(a, b): return a + b"
 # bitsandbytes' CPU 4-bit packing needs in_features >= 64 and out_features % 32 == 0; LongCat's tiny MLA is narrower.
@@ -34,12 +35,6 @@ def quant_dir(tiny_dir, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def _route(loaded, ids: torch.Tensor):
-    with torch.inference_mode(), capture(loaded.routers) as cap:
-        loaded.model(input_ids=ids)
-    return cap
-
-
 def _router_linears_full_precision(loaded) -> None:
     for spec in loaded.routers:
         for name, module in spec.module.named_modules():
@@ -56,48 +51,63 @@ def _router_linears_full_precision(loaded) -> None:
 )
 def test_quantized_routers_stay_full_precision(quant_dir, family: str, bits: int) -> None:
     path = quant_dir(family)
-    loaded = load(path, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    loaded = load(LoadOptions(path, load_in_4bit=bits == 4, load_in_8bit=bits == 8))
     assert loaded.quantization == ("4bit-nf4" if bits == 4 else "8bit")
     quantized = [n for n, m in loaded.model.named_modules() if type(m).__name__ in {"Linear4bit", "Linear8bitLt"}]
     assert quantized, "nothing was quantized: the test would prove nothing"
     _router_linears_full_precision(loaded)
-    reference = load(path)
+    reference = load(LoadOptions(path))
     for spec, ref in zip(loaded.routers, reference.routers, strict=True):
         assert spec.path == ref.path
         for (name, tensor), (_, expected) in zip(
             spec.module.state_dict().items(), ref.module.state_dict().items(), strict=True
         ):
             assert torch.equal(tensor.float(), expected.float()), f"{spec.path}.{name} changed"
-    assert any("NOT quantized" in note or "quantized" in note for note in loaded.notes)
+    (note,) = loaded.notes
+    assert "routed experts were NOT quantized" in note and "routers kept in full precision" in note
 
+    # The capture equals what the quantized model's experts modules received (ids and combine weights) and
+    # what its output_router_logits records: the truth of the forward, not the router output capture reads.
     ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    cap = _route(loaded, ids)
-    # The captured routing equals what the quantized model's own routers returned: re-run each router on
-    # the hidden states it received and compare with the capture.
-    inputs: dict[int, torch.Tensor] = {}
-    handles = [
-        spec.module.register_forward_pre_hook(lambda m, args, i=spec.index: inputs.__setitem__(i, args[0]))
-        for spec in loaded.routers
-    ]
+    received: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for spec in loaded.routers:
+        def pre(_m, args, kwargs, i=spec.index):
+            index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+            received[i] = (index.clone(), weights.clone())
+
+        handles.append(experts_module(loaded.model, spec.path).register_forward_pre_hook(pre, with_kwargs=True))
     try:
-        with torch.inference_mode():
-            loaded.model(input_ids=ids)
+        with torch.inference_mode(), capture(loaded.routers) as cap:
+            out = loaded.model(input_ids=ids, output_router_logits=True)
     finally:
         for handle in handles:
             handle.remove()
-    for spec, calls in zip(loaded.routers, cap.calls, strict=True):
-        with torch.inference_mode():
-            own = spec.module(inputs[spec.index]) if spec.parser == "tuple" else None
-        if own is not None:
-            torch.testing.assert_close(calls[0].logits, own[spec.logits_index].float())
-            assert torch.equal(calls[0].experts, own[2].long())
+    assert len(out.router_logits) == len(loaded.routers)
+    for spec, calls, recorded in zip(loaded.routers, cap.calls, out.router_logits, strict=True):
+        (got,) = calls
+        index, weights = received[spec.index]
+        assert torch.equal(got.experts, index.reshape(got.experts.shape).long()), spec.path
+        torch.testing.assert_close(got.weights, weights.reshape(got.weights.shape).float(), atol=0, rtol=0)
+        assert torch.equal(got.logits, recorded.float()), spec.path
 
 
-def test_quantization_note_says_experts_not_quantized(tiny_dir) -> None:
-    loaded = load(str(tiny_dir("mixtral")), load_in_4bit=True)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantization_note_gives_the_real_expert_bytes(tiny_dir, bits: int) -> None:
+    """The note's byte figure is the size of the fused expert tensors as loaded, summed here from the model."""
+    loaded = load(LoadOptions(str(tiny_dir("mixtral")), load_in_4bit=bits == 4, load_in_8bit=bits == 8))
     (note,) = loaded.notes
     assert "routed experts were NOT quantized" in note
     assert "routers kept in full precision" in note
+    fused = [p for n, p in loaded.model.named_parameters() if ".experts." in n]
+    assert fused and all(p.dim() == 3 and p.dtype == torch.float32 for p in fused)  # 3 layers x gate_up, down
+    # Mixtral tiny: 3 layers x 8 experts x (gate_up 2*64*64 + down 64*64) float32 weights
+    expert_bytes = sum(p.numel() * p.element_size() for p in fused)
+    assert expert_bytes == 3 * 8 * (2 * 64 * 64 + 64 * 64) * 4 == 1_179_648
+    assert f"so {expert_bytes / 2**20:.2f} MiB of experts stay float32" in note, note
+    footprint = sum(t.numel() * t.element_size() for t in [*loaded.model.parameters(), *loaded.model.buffers()])
+    assert note.startswith(f"Quantized footprint {footprint / 2**20:.2f} MiB;"), note
 
 
 def test_missing_bitsandbytes_is_one_sentence(monkeypatch: pytest.MonkeyPatch, tiny_dir) -> None:
@@ -114,4 +124,4 @@ def test_missing_bitsandbytes_is_one_sentence(monkeypatch: pytest.MonkeyPatch, t
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(UserError, match=r"pip install 'moe-inspect\[quant\]'"):
-        load(str(tiny_dir("mixtral")), load_in_4bit=True)
+        load(LoadOptions(str(tiny_dir("mixtral")), load_in_4bit=True))

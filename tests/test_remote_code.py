@@ -41,9 +41,10 @@ def remote_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_remote_code_routers_found_heuristically(remote_dir: Path) -> None:
     from moe_inspect.loading import load
+    from moe_inspect.options import LoadOptions
 
     with pytest.warns(UserWarning, match="matched heuristically"):
-        loaded = load(str(remote_dir), trust_remote_code=True)
+        loaded = load(LoadOptions(str(remote_dir), trust_remote_code=True))
     assert [spec.path for spec in loaded.routers] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert all(spec.heuristic and spec.num_experts == 6 and spec.top_k == 2 for spec in loaded.routers)
 
@@ -69,11 +70,9 @@ def test_remote_code_routers_found_heuristically(remote_dir: Path) -> None:
 
 
 def test_remote_code_without_trust_is_one_sentence(remote_dir: Path) -> None:
+    from cli_checks import assert_one_line_error
     from typer.testing import CliRunner
 
     from moe_inspect.cli import app
 
-    result = CliRunner().invoke(app, ["route", "hi", "-m", str(remote_dir)])
-    assert result.exit_code == 2
-    assert "Traceback" not in result.output
-    assert "--trust-remote-code" in result.output
+    assert_one_line_error(CliRunner().invoke(app, ["route", "hi", "-m", str(remote_dir)]), "--trust-remote-code")

@@ -41,9 +41,6 @@ MOE_INTERMEDIATE = 32
 MAX_POSITIONS = 512
 TOKENIZER_VOCAB = 384
 
-SKIPPED: dict[str, str] = {}
-"""model_type -> why transformers itself cannot build it tiny (empty: all families build)."""
-
 # --------------------------------------------------------------------------------------------- family discovery
 
 
@@ -101,6 +98,22 @@ def moe_families() -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- tokenizer
 
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Routers send tokens to experts.\n"
+    "def add(a, b):\n    return a + b\n"
+    "Load balance and entropy: capacity factors 1.0, 1.25 and 2.0 drop tokens.\n"
+) * 3
+"""A few hundred tokens of mixed prose and code: enough packed windows of 16 for the corpus and balance tests."""
+
+LINES = [
+    "The fox.",
+    "def add(a, b): return a + b",
+    "Routers send each token to a few experts, and load balance matters.",
+    "entropy",
+    "Capacity factors drop tokens when an expert is full: 1.0, 1.25, 2.0.",
+]
+"""Lines of very different lengths, so ``--lines`` batches really hold padding."""
+
 
 def _corpus() -> list[str]:
     """A few hundred lines of Python and English, generated deterministically (no files, no network)."""
@@ -129,10 +142,14 @@ def _corpus() -> list[str]:
     return lines
 
 
-@functools.lru_cache(maxsize=1)
-def train_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE (~384 tokens, specials <pad> <s> </s> <unk>) trained offline in a few milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+@functools.lru_cache(maxsize=2)
+def train_tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (~384 tokens, specials <pad> <s> </s> <unk>) trained offline in a few milliseconds.
+
+    With ``bos`` it prefixes ``<s>`` to every text, as Llama/Mixtral tokenizers do: the corpus tests need a
+    tokenizer that adds BOS (packed streams hold it once per file, ``--lines`` once per line).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -144,6 +161,10 @@ def train_tiny_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
@@ -421,10 +442,12 @@ def build_tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.
     return model.eval()
 
 
-def save_tiny(model_type: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Build, then save model + tokenizer to ``path`` so ``from_pretrained(path)`` works offline."""
+def save_tiny(
+    model_type: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, bos: bool = False
+) -> Path:
+    """Build, then save model + tokenizer (``bos``: one that prefixes <s>) to ``path`` for ``from_pretrained``."""
     path = Path(path)
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = train_tiny_tokenizer(bos)
     model = build_tiny_model(model_type, seed=seed, dtype=dtype)
     for key in ("pad", "bos", "eos"):
         token_id = getattr(tokenizer, f"{key}_token_id")
@@ -438,8 +461,9 @@ def save_tiny(model_type: str, path: str | Path, seed: int = 0, dtype: torch.dty
 
 
 __all__ = [
+    "LINES",
+    "SAMPLE_TEXT",
     "SELECTION_BIAS_NAME",
-    "SKIPPED",
     "build_tiny_model",
     "moe_families",
     "save_tiny",

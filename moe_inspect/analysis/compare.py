@@ -37,7 +37,7 @@ from moe_inspect.analysis.outputs import DecoderPass, OutputHead, logprobs_at, t
 from moe_inspect.capture import RouterOutput, capture
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
-from moe_inspect.export import write_csv, write_json
+from moe_inspect.export import replace_folder, write_csv, write_json
 from moe_inspect.loading import LoadedModel
 from moe_inspect.routers import RouterSpec
 
@@ -112,7 +112,8 @@ def precheck_same_moe(
     """
     if (model_a, revision_a) == (model_b, revision_b):
         return
-    from moe_inspect.params import describe, load_config
+    from moe_inspect.info import describe
+    from moe_inspect.source import load_config
 
     shapes = []
     for model, revision in ((model_a, revision_a), (model_b, revision_b)):
@@ -328,13 +329,16 @@ class CompareReport:
     run: dict[str, Any] = field(default_factory=dict)
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """compare_layers.csv, compare_experts.csv and run.json (with ``compare_summary``), each atomically."""
-        out = Path(out_dir)
-        return [
-            write_csv(self.layers, out / "compare_layers.csv"),
-            write_csv(self.experts, out / "compare_experts.csv"),
-            write_json(self.run, out / "run.json"),
-        ]
+        """compare_layers.csv, compare_experts.csv and run.json (with ``compare_summary``), swapped in as one set."""
+
+        def write_all(out: Path) -> list[Path]:
+            return [
+                write_csv(self.layers, out / "compare_layers.csv"),
+                write_csv(self.experts, out / "compare_experts.csv"),
+                write_json(self.run, out / "run.json"),
+            ]
+
+        return replace_folder(out_dir, write_all)
 
 
 def _frames(comparer: _Comparer) -> tuple[pd.DataFrame, pd.DataFrame]:

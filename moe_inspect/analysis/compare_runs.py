@@ -17,7 +17,7 @@ import pandas as pd
 
 from moe_inspect import metrics, schemas
 from moe_inspect.errors import UserError
-from moe_inspect.export import write_csv, write_json
+from moe_inspect.export import replace_folder, write_csv, write_json
 
 _NEEDED = ("run.json", "layers.csv", "experts.csv")
 
@@ -31,13 +31,16 @@ class RunsComparison:
     run: dict[str, Any] = field(default_factory=dict)
 
     def write(self, out_dir: str | Path) -> list[Path]:
-        """compare_layers.csv, compare_experts.csv and run.json, each atomically."""
-        out = Path(out_dir)
-        return [
-            write_csv(self.layers, out / "compare_layers.csv"),
-            write_csv(self.experts, out / "compare_experts.csv"),
-            write_json(self.run, out / "run.json"),
-        ]
+        """compare_layers.csv, compare_experts.csv and run.json, swapped into ``out_dir`` as one set."""
+
+        def write_all(out: Path) -> list[Path]:
+            return [
+                write_csv(self.layers, out / "compare_layers.csv"),
+                write_csv(self.experts, out / "compare_experts.csv"),
+                write_json(self.run, out / "run.json"),
+            ]
+
+        return replace_folder(out_dir, write_all)
 
 
 def is_balance_run(path: str | Path) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
+from moe_inspect.export import _umask
 from moe_inspect.routers import RouterSpec
 
 COLUMNS = ("sequence", "position", "token_id", "token", "layer", "experts_a", "experts_b", "same_set")
@@ -99,6 +100,7 @@ class PerTokenWriter:
             self._parquet.close()
         elif self.kind == "parquet":
             raise RuntimeError("no rows were written")
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask like every output file
         os.replace(self.tmp, self.path)
         return self.path
 

@@ -8,23 +8,11 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS
-from moe_inspect.cli.common import err, load_for_cli, out, user_errors
-from moe_inspect.cli.options import (
-    DeviceMapOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
-    LoadIn4bitOpt,
-    LoadIn8bitOpt,
-    ModelOpt,
-    RevisionOpt,
-    TrustRemoteCodeOpt,
-)
-from moe_inspect.corpus import Batch, CorpusReader, check_files
+from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
+from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.loading import load_tokenizer, max_positions, resolve_model
-from moe_inspect.render.balance import overall, render_balance, write_heatmap_png
+from moe_inspect.options import LoadOptions
+from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 
 BALANCE_EXAMPLES = """Examples:
 
@@ -39,58 +27,65 @@ BALANCE_EXAMPLES = """Examples:
 
 
 @user_errors
+@with_load_options()
 def balance(
     corpus: Annotated[list[str], typer.Argument(help="UTF-8 text files; '-' reads standard input.")],
-    model: ModelOpt = None,
+    load: LoadOptions,
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 4,
     lines: Annotated[
-        bool, typer.Option("--lines", help="Each non-empty line is its own sequence (padded batches).")
+        bool, flag("--lines", help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
     capacity_factor: Annotated[
         list[float] | None,
-        typer.Option("--capacity-factor", help="Capacity factors for drop-rate what-ifs (repeatable).", min=0.0),
+        typer.Option(
+            "--capacity-factor",
+            help="Capacity factor for the drop-rate what-ifs; repeat it for several.",
+            show_default=", ".join(f"{f:g}" for f in DEFAULT_CAPACITY_FACTORS),
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
     ] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the load heatmap as a PNG (matplotlib).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write the load heatmap as .png, .pdf or .svg (matplotlib).")
+    ] = None,
     by_file: Annotated[
         bool,
-        typer.Option(
-            "--by-file", help="Measure each file on its own too: a source column, one block per file plus 'all'."
-        ),
+        flag("--by-file", help="Measure each file on its own too: a source column, one block per file plus 'all'."),
     ] = False,
-    dtype: DtypeOpt = Dtype.auto,
-    device: DeviceOpt = "auto",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    device_map: DeviceMapOpt = None,
-    load_in_4bit: LoadIn4bitOpt = False,
-    load_in_8bit: LoadIn8bitOpt = False,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
+    from moe_inspect.balance import check_capacity_factors
+    from moe_inspect.corpus import Batch, CorpusReader, check_files
+    from moe_inspect.export import check_output
+    from moe_inspect.render.balance import overall, plot_format, render_balance, write_heatmap_png
+    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
+
+    output = Output(quiet, json_output)
     if plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'moe-inspect[plot]'.") from None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory.")
+    if out_dir is not None:
+        check_output(out_dir, "--out", folder=True)
+    if plot is not None:
+        check_output(plot, "--plot")
+        plot_format(plot)
     files = check_files(corpus)
-    model_id, _ = resolve_model(model)
-    tokenizer = load_tokenizer(model_id, revision, trust_remote_code)
-    if seq_len is None:
-        seq_len = min(2048, max_positions(model_id, revision, trust_remote_code) or 2048)
+    model_id, _ = resolve_model(load.model)
+    tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
+    seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size, lines, max_tokens)
     reader.check_long_enough()
-    factors = tuple(capacity_factor) if capacity_factor else DEFAULT_CAPACITY_FACTORS
-    insp = load_for_cli(
-        model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit, tokenizer
-    )
+    factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
+    insp = load_for_cli(load, output, tokenizer)
     total = reader.total_bytes if max_tokens is None else max_tokens
     with Progress(
         TextColumn("[bold]routing"),
@@ -101,6 +96,7 @@ def balance(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=quiet,
     ) as progress:
         task = progress.add_task("routing", total=total, tokens=0, rate=0.0)
 
@@ -115,13 +111,21 @@ def balance(
             )
 
         report = insp.balance(reader=reader, capacity_factors=factors, progress=advance, by_file=by_file)
-    render_balance(report, out)
-    if out_dir is not None:
-        written = report.write(out_dir)
-        err.print(f"Wrote {', '.join(p.name for p in written)} to {out_dir}")
-    if plot is not None:
-        write_heatmap_png(overall(report.experts), plot, title=f"{insp.loaded.model_id}: expert load / uniform (log2)")
-        err.print(f"Wrote {plot}")
+    if json_output:
+        output.json(
+            {"run": report.run, "layers": report.layers, "experts": report.experts, "coactivation": report.coactivation}
+        )
+    elif output.tables:
+        render_balance(report, out)
+    title = f"{insp.loaded.model_id}: expert load / uniform (log2)"
+    failures = [
+        save(report.write, out_dir, "--out", output) if out_dir is not None else None,
+        save(lambda path: write_heatmap_png(overall(report.experts), path, title=title), plot, "--plot", output)
+        if plot is not None
+        else None,
+    ]
+    if any(failures):
+        raise UserError(" ".join(f for f in failures if f))
     if report.partial:
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches routed before Ctrl-C.")
         raise typer.Exit(130)

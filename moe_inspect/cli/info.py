@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
-from moe_inspect.cli.common import err, out, user_errors
-from moe_inspect.cli.options import RevisionOpt, TrustRemoteCodeOpt
-from moe_inspect.loading import resolve_model
-from moe_inspect.params import describe, load_config
-from moe_inspect.render.info import render_info
+from moe_inspect.cli.common import Output, out, user_errors
+from moe_inspect.cli.options import JsonOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
+from moe_inspect.options import LoadOptions
 
 INFO_EXAMPLES = """Examples:
 
@@ -21,7 +18,6 @@ INFO_EXAMPLES = """Examples:
 
   moe-inspect info fixtures/configs/deepseek-v3/config.json --json
 """
-
 
 @user_errors
 def info(
@@ -33,9 +29,8 @@ def info(
             show_default=False,
         ),
     ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of the panel (for scripts).")
-    ] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
@@ -44,16 +39,20 @@ def info(
     """
     from transformers.utils import logging as hf_logging
 
+    from moe_inspect.info import describe
+    from moe_inspect.render.info import render_info
+    from moe_inspect.source import load_config, resolve_model
+
+    output = Output(quiet, json_output)
     hf_logging.set_verbosity_error()  # config-conversion chatter would bury the one panel asked for
-    model, is_default = resolve_model(model)
+    options = LoadOptions(model=model, revision=revision, trust_remote_code=trust_remote_code)
+    model_id, is_default = resolve_model(options.model)
     if is_default:
-        err.print(
-            "Using the small demo model shipped with moe-inspect; pass MODEL for a real checkpoint.", soft_wrap=True
-        )
-    config = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
-    with err.status("Building the model on the meta device…"):
-        result = describe(config, trust_remote_code=trust_remote_code)
+        output.status("Using the small demo model shipped with moe-inspect; pass MODEL for a real checkpoint.")
+    config = load_config(model_id, revision=options.revision, trust_remote_code=options.trust_remote_code)
+    with output.spinner("Building the model on the meta device…"):
+        result = describe(config, trust_remote_code=options.trust_remote_code)
     if json_output:
-        print(json.dumps(result.to_dict(), indent=2))
-        return
-    render_info(result, out)
+        output.json(result.to_dict())
+    elif output.tables:
+        render_info(result, out)

@@ -8,22 +8,10 @@ from typing import Annotated
 
 import typer
 
-from moe_inspect.cli.common import err, load_for_cli, out, user_errors
-from moe_inspect.cli.options import (
-    DeviceMapOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
-    LoadIn4bitOpt,
-    LoadIn8bitOpt,
-    ModelOpt,
-    RevisionOpt,
-    TrustRemoteCodeOpt,
-    parse_layers,
-)
+from moe_inspect.cli.common import Output, load_for_cli, out, save, user_errors
+from moe_inspect.cli.options import JsonOpt, QuietOpt, parse_layers, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.export import write_csv
-from moe_inspect.render.route import render_route
+from moe_inspect.options import LoadOptions
 
 ROUTE_EXAMPLES = """Examples:
 
@@ -37,10 +25,22 @@ ROUTE_EXAMPLES = """Examples:
 """
 
 
+def _strip_one_newline(text: str) -> str:
+    """`echo hi | moe-inspect route -` should route 'hi', not 'hi' and a newline token."""
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[: -len(end)]
+    return text
+
+
 @user_errors
+@with_load_options()
 def route(
-    prompt: Annotated[str, typer.Argument(help="Text to route; '-' reads it from standard input.")],
-    model: ModelOpt = None,
+    prompt: Annotated[
+        str,
+        typer.Argument(help="Text to route; '-' reads it from standard input, less one trailing newline (echo's)."),
+    ],
+    load: LoadOptions,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Decoder layers to show and export, e.g. '0,5-7'.")
     ] = None,
@@ -54,33 +54,33 @@ def route(
         float, typer.Option("--temperature", min=0.0, help="Sampling temperature for --generate; 0 is greedy.")
     ] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table (use with --csv).")] = False,
-    dtype: DtypeOpt = Dtype.auto,
-    device: DeviceOpt = "auto",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    device_map: DeviceMapOpt = None,
-    load_in_4bit: LoadIn4bitOpt = False,
-    load_in_8bit: LoadIn8bitOpt = False,
+    quiet: QuietOpt = False,
+    json_output: JsonOpt = False,
 ) -> None:
     """Show the token-to-expert table: for every token and MoE layer, the experts chosen and their weights.
     """
-    text = sys.stdin.read() if prompt == "-" else prompt
+    from moe_inspect.export import check_output, write_csv
+    from moe_inspect.render.route import render_route
+    from moe_inspect.source import check_prompt_length, load_tokenizer, max_positions, resolve_model
+
+    output = Output(quiet, json_output)
+    text = _strip_one_newline(sys.stdin.read()) if prompt == "-" else prompt
     if not text.strip():
         raise UserError("The prompt is empty.")
     selected = parse_layers(layers)
-    insp = load_for_cli(model, dtype.value, device, revision, trust_remote_code, device_map, load_in_4bit, load_in_8bit)
-    if selected is not None:
-        known = {spec.layer for spec in insp.loaded.routers}
-        if not selected & known:
-            raise UserError(
-                f"--layers {layers} matches no MoE layer; this model has MoE layers "
-                f"{', '.join(map(str, sorted(known)))}."
-            )
+    if csv is not None:
+        check_output(csv, "--csv")
+    model_id, _ = resolve_model(load.model)
+    tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
+    limit = max_positions(model_id, load.revision, load.trust_remote_code)
+    check_prompt_length(len(tokenizer(text)["input_ids"]), generate, limit)  # before the weights load
+    insp = load_for_cli(load, output, tokenizer)
     frame = insp.route(text, generate=generate, temperature=temperature, seed=seed, layers=selected)
-    if not quiet:
+    if json_output:
+        output.json({**frame.attrs, "rows": frame})
+    elif output.tables:
         render_route(frame, out)
     if csv is not None:
-        write_csv(frame, csv)
-        err.print(f"Wrote {len(frame)} rows to {csv}")
-
+        failure = save(lambda path: write_csv(frame, path), csv, "--csv", output)
+        if failure:
+            raise UserError(failure)

@@ -7,7 +7,9 @@ character per expert, wrapping long rows so 256 experts stay readable in 80 colu
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,29 +18,39 @@ from rich.table import Table
 from rich.text import Text
 
 from moe_inspect.balance import BalanceReport
+from moe_inspect.errors import UserError
+from moe_inspect.export import atomic_path
+from moe_inspect.schemas import router_label
 from moe_inspect.tables import drop_column
 
-# log2(share * E) buckets from cold to hot; the middle one is "about uniform".
+# log2(share * E) buckets from cold to hot; the middle one is "about uniform". Each bucket has a colour for
+# 256-colour/true-colour terminals, a distinct one of the 16 standard colours (hex colours collapse there, two
+# buckets sharing one), and a glyph for output without colour (a pipe, a file), where colour carries nothing.
 _SCALE = (
-    (-math.inf, -2.0, "#2c7bb6", "< 1/4×"),
-    (-2.0, -1.0, "#6baed6", "1/4–1/2×"),
-    (-1.0, -0.415, "#c6dbef", "1/2–3/4×"),
-    (-0.415, 0.415, "#f0f0f0", "≈ uniform"),
-    (0.415, 1.0, "#fdae61", "1.3–2×"),
-    (1.0, 2.0, "#f46d43", "2–4×"),
-    (2.0, math.inf, "#a50026", "> 4×"),
+    (-math.inf, -2.0, "#2c7bb6", "blue", "_", "< 1/4×"),
+    (-2.0, -1.0, "#6baed6", "bright_blue", "-", "1/4–1/2×"),
+    (-1.0, -0.415, "#c6dbef", "cyan", ":", "1/2–3/4×"),
+    (-0.415, 0.415, "#f0f0f0", "white", "=", "≈ uniform"),
+    (0.415, 1.0, "#fdae61", "yellow", "+", "1.3–2×"),
+    (1.0, 2.0, "#f46d43", "bright_red", "*", "2–4×"),
+    (2.0, math.inf, "#a50026", "red", "#", "> 4×"),
 )
 
 
-def _colour(ratio: float) -> str:
-    if ratio <= 0:
-        return "black"
+def _bucket(ratio: float) -> int:
     value = math.log2(ratio)
-    for low, high, colour, _ in _SCALE:
-        if low <= value < high:
-            return colour
-    return _SCALE[-1][2]
+    return next((i for i, (low, high, *_) in enumerate(_SCALE) if low <= value < high), len(_SCALE) - 1)
 
+
+def _swatch(bucket: int, color_system: str | None) -> tuple[str, str]:
+    """(character, style) of a bucket's cell for a terminal with this colour system."""
+    _, _, rich_colour, standard, glyph, _ = _SCALE[bucket]
+    if color_system is None:
+        return glyph, ""
+    return "█", standard if color_system == "standard" else rich_colour
+
+
+_TITLE_POINTS = 10
 
 # (header, column, format, priority): lower priority columns go first when the terminal is narrow.
 _SUMMARY_COLUMNS = (
@@ -62,7 +74,7 @@ def _cell(row: dict, key: str | None, fmt: str) -> Text:
         return Text(f"{row['experts']}/{row['top_k']}")
     value = row[key]
     if key == "layer":
-        return Text(f"{value}{'a' if row['router'] == 'attention' else ''}")
+        return Text(router_label(value, row["router"]))
     if isinstance(value, float) and math.isnan(value):
         return Text("–", style="dim")
     return Text(fmt.format(value), style="bold red" if key == "dead_experts" and value > 0 else "")
@@ -87,8 +99,8 @@ def summary_table(layers: pd.DataFrame, capacity_factors: list[float], width: in
     return table
 
 
-def heatmap(experts: pd.DataFrame, width: int) -> Group:
-    """Layers × experts; one coloured cell per expert, rows wrapped to ``width``."""
+def heatmap(experts: pd.DataFrame, width: int, color_system: str | None = "truecolor") -> Group:
+    """Layers × experts; one coloured cell per expert (a glyph without colour), rows wrapped to ``width``."""
     label_width = 6
     # groups of 8 cells plus a space; room for a " 192-255" range label when a row wraps
     per_line = max(8, min(128, (width - label_width - 10) // 9 * 8))
@@ -96,19 +108,19 @@ def heatmap(experts: pd.DataFrame, width: int) -> Group:
     for (layer, router), group in experts.groupby(["layer", "router"], sort=False):
         shares = group.sort_values("expert")["share"].to_numpy()
         ratios = shares * len(shares)
-        label = f"L{layer}{'a' if router == 'attention' else ''}"
+        label = f"L{router_label(layer, router)}"
         for start in range(0, len(ratios), per_line):
             line = Text(f"{label if start == 0 else '':>{label_width - 1}} ")
             for i, ratio in enumerate(ratios[start : start + per_line]):
                 if i and i % 8 == 0:
                     line.append(" ")
-                line.append("·" if ratio == 0 else "█", style=_colour(float(ratio)))
+                line.append(*(("·", "dim") if ratio == 0 else _swatch(_bucket(float(ratio)), color_system)))
             if len(ratios) > per_line:
                 line.append(f" {start}-{min(start + per_line, len(ratios)) - 1}", style="dim")
             lines.append(line)
     legend = Text("legend: ")
-    for _, _, colour, name in _SCALE:
-        legend.append("█", style=colour)
+    for bucket, (*_, name) in enumerate(_SCALE):
+        legend.append(*_swatch(bucket, color_system))
         legend.append(f" {name}  ")
     legend.append("· dead", style="dim")
     lines.append(legend)
@@ -126,7 +138,7 @@ def render_balance(report: BalanceReport, console: Console) -> None:
     """Summary table, heatmap and one line on what was measured (over all files with ``--by-file``)."""
     run = report.run
     console.print(summary_table(overall(report.layers), run["capacity_factors"], console.width))
-    console.print(heatmap(overall(report.experts), console.width))
+    console.print(heatmap(overall(report.experts), console.width, console.color_system))
     note = " (partial: interrupted)" if run.get("partial") else ""
     console.print(
         f"[dim]{run['tokens']:,} tokens in {run['batches']} batches of up to {run['batch_size']} × "
@@ -135,11 +147,22 @@ def render_balance(report: BalanceReport, console: Console) -> None:
     )
 
 
-def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """The same heatmap as a PNG (matplotlib, the `plot` extra), written atomically."""
-    import os
-    import tempfile
+PLOT_FORMATS = ("png", "pdf", "svg")
 
+
+def plot_format(path: str | Path) -> str:
+    """The image format a plot path's extension names; other extensions are refused (no PNG in a .txt)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise UserError(
+            f"Plot {path} has {'no extension' if not suffix else f'the extension .{suffix}'}; "
+            f"name a {', '.join('.' + f for f in PLOT_FORMATS)} file."
+        )
+    return suffix
+
+
+def heatmap_figure(experts: pd.DataFrame, title: str = "") -> Any:
+    """The heatmap as a matplotlib Figure; the title is wrapped to the figure's width, never cut off."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,22 +176,29 @@ def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") 
         group = experts[(experts["layer"] == layer) & (experts["router"] == router)]
         ratio = group["share"].to_numpy() * len(group)
         grid[row, group["expert"].to_numpy()] = np.log2(np.clip(ratio, 1 / 64, None))
-    fig, ax = plt.subplots(figsize=(min(4 + width * 0.08, 24), 1.5 + len(keys) * 0.25))
+    fig_width = min(4 + width * 0.08, 24)
+    title = title or "expert load relative to uniform (log2 share × E)"
+    # about 0.6 em per character; model ids are paths without spaces, so long words are broken too
+    lines = textwrap.wrap(title, width=max(20, int(fig_width * 72 / (0.6 * _TITLE_POINTS))), break_long_words=True)
+    fig, ax = plt.subplots(figsize=(fig_width, 1.5 + len(keys) * 0.25 + 0.2 * len(lines)), layout="constrained")
     image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0, vmin=-3, vmax=3))
-    ax.set_yticks(range(len(keys)), [f"{layer}{'a' if router == 'attention' else ''}" for layer, router in keys])
+    ax.set_yticks(range(len(keys)), [router_label(layer, router) for layer, router in keys])
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(title or "expert load relative to uniform (log2 share × E)")
+    fig.suptitle("\n".join(lines), fontsize=_TITLE_POINTS)
     fig.colorbar(image, ax=ax, label="log2(share × E)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    return fig
+
+
+def write_heatmap_png(experts: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """The same heatmap as PNG, PDF or SVG by the path's extension (matplotlib, the `plot` extra), atomically."""
+    fmt = plot_format(path)
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(experts, title)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=fmt)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from itertools import groupby
-
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from moe_inspect.params import ModelInfo
-from moe_inspect.units import human_bytes, human_count
-
-
-def layer_ranges(layers: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8': 61 layer numbers stay one short line."""
-    parts: list[str] = []
-    ordered = sorted(layers)
-    for _, run in groupby(enumerate(ordered), key=lambda pair: pair[1] - pair[0]):
-        values = [value for _, value in run]
-        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
-    return ", ".join(parts)
+from moe_inspect.info import ModelInfo
+from moe_inspect.units import human_bytes, human_count, layer_ranges
 
 
 def _layers_line(info: ModelInfo) -> str:
@@ -73,7 +61,7 @@ def render_info(info: ModelInfo, console: Console) -> None:
 
     params = Table(title="Parameters", title_justify="left", header_style="bold", expand=False)
     params.add_column("")
-    params.add_column("count", justify="right")
+    params.add_column("count", justify="right", no_wrap=True)
     params.add_column("exact", justify="right", style="dim")
     params.add_column("of total", justify="right")
     total = info.total_params
@@ -82,24 +70,19 @@ def render_info(info: ModelInfo, console: Console) -> None:
         "Routed experts", human_count(info.routed_expert_params), f"{info.routed_expert_params:,}",
         _share(info.routed_expert_params, total),
     )
-    params.add_row(
-        "Active per token, incl. embedding & head", human_count(info.active_params),
-        f"{info.active_params:,}", _share(info.active_params, total), style="bold",
+    # Publishers count "active" three ways; each row names its convention.
+    active_rows = (
+        ("Active per token (all weights)", info.active_params, "bold"),
+        ("Active, excl. input embedding", info.active_params_excl_input_embedding, ""),
+        ("Active, non-embedding", info.active_params_non_embedding, ""),
     )
-    excl_label = "Active per token, excl. input embedding"
+    for label, count, style in active_rows:
+        params.add_row(label, human_count(count), f"{count:,}", _share(count, total), style=style)
     if info.tied_embeddings:
-        excl_label += " (tied to head: same)"
-    params.add_row(
-        excl_label, human_count(info.active_params_excl_input_embedding),
-        f"{info.active_params_excl_input_embedding:,}", _share(info.active_params_excl_input_embedding, total),
-    )
-    embed_label = "Embedding = LM head (tied)" if info.tied_embeddings else "Embedding / LM head"
-    embed_value = (
-        human_count(info.input_embedding_params)
-        if info.tied_embeddings
-        else f"{human_count(info.input_embedding_params)} / {human_count(info.lm_head_params)}"
-    )
-    params.add_row(embed_label, embed_value, "", "", style="dim")
+        params.add_row("Embedding = LM head (tied)", human_count(info.input_embedding_params), "", "", style="dim")
+    else:
+        params.add_row("Input embedding", human_count(info.input_embedding_params), "", "", style="dim")
+        params.add_row("LM head", human_count(info.lm_head_params), "", "", style="dim")
     params.add_row("Activation ratio", f"{100 * info.activation_ratio:.2f}%", "", "")
 
     memory = Table(title="Weight memory", title_justify="left", header_style="bold")
@@ -109,10 +92,16 @@ def render_info(info: ModelInfo, console: Console) -> None:
     for dtype, sizes in info.memory.items():
         memory.add_row(dtype, human_bytes(sizes["all"]), human_bytes(sizes["active"]))
 
+    active_note = Text(
+        "Active counts: all weights a token uses, embedding and LM head included; then without the input "
+        "embedding (a lookup reads one row); then without embedding and LM head (Kaplan et al.'s N, the "
+        "non-embedding convention some model cards use).",
+        style="dim",
+    )
     memory_note = Text(
         "GiB = 2^30 bytes. Weights only: no KV cache, activations or quantization scales.", style="dim"
     )
-    parts: list[object] = [header, Text(""), params, Text(""), memory, memory_note]
+    parts: list[object] = [header, Text(""), params, active_note, Text(""), memory, memory_note]
     for note in info.notes:
         parts.append(Text(f"Note: {note}", style="dim"))
     title = f"[bold]{info.model_type}[/bold]: {'MoE' if info.moe_layers else 'dense'}"

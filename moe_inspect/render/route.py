@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from moe_inspect.schemas import router_label
+from moe_inspect.tokens import byte_label, label_bytes
+from moe_inspect.units import layer_ranges
 
 # Distinct, readable colours; an expert keeps its colour in every cell so patterns stand out.
 PALETTE = (
@@ -16,9 +22,16 @@ _CELL_WIDTH = 8
 _TOKEN_WIDTH = 14
 
 
+def escape_controls(text: str) -> str:
+    """Control characters and NUL as visible escapes (\\x1b, \\x00): raw, they recolour or misalign the table."""
+    return "".join(
+        f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" and ch not in "\n\t" else ch for ch in text
+    )
+
+
 def visible_token(token: str) -> str:
-    """Make whitespace visible so ' add' and 'add' read differently."""
-    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+    """Make whitespace and control characters visible so ' add' and 'add' read differently."""
+    return escape_controls(token).replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
 
 
 def _cell(group: pd.DataFrame) -> Text:
@@ -40,26 +53,26 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
     labels = list(dict.fromkeys(zip(frame["layer"], frame["router"], strict=True)))
     per_table = max(1, (width - _TOKEN_WIDTH - 12) // (_CELL_WIDTH + 3))
     cells = {key: _cell(group) for key, group in frame.groupby(["position", "layer", "router"], sort=False)}
-    tokens = frame.drop_duplicates("position")[["position", "token", "phase"]]
+    tokens = frame.drop_duplicates("position")[["position", "token", "token_bytes", "phase"]]
     generated = bool((tokens["phase"] == "decode").any())  # a phase column only when there is a decode phase
     tables = []
     for start in range(0, len(labels), per_table):
         chunk = labels[start : start + per_table]
-        first, last = chunk[0][0], chunk[-1][0]
-        title = f"layer {first}" if len(chunk) == 1 else f"layers {first}-{last}"
+        chunk_layers = sorted({layer for layer, _ in chunk})
+        title = f"layer{'s' if len(chunk_layers) > 1 else ''} {layer_ranges(chunk_layers)}"
         table = Table(title=title, header_style="bold", show_lines=separate_tokens, pad_edge=False)
         table.add_column("pos", justify="right", style="dim")
         if generated:
             table.add_column("phase", style="dim")
         table.add_column("token", max_width=_TOKEN_WIDTH, no_wrap=True)
         for layer, router in chunk:
-            table.add_column(f"L{layer}" + ("a" if router == "attention" else ""), justify="right")
+            table.add_column(f"L{router_label(layer, router)}", justify="right")
         for row in tokens.itertuples(index=False):
             style = "italic green" if row.phase == "decode" else ""
             table.add_row(
                 str(row.position),
-                *([Text("gen" if row.phase == "decode" else "prompt")] if generated else []),
-                Text(visible_token(row.token), style=style),
+                *([Text(row.phase)] if generated else []),
+                Text(byte_label(label_bytes(row.token_bytes)) or visible_token(row.token), style=style),
                 *[cells.get((row.position, layer, router), Text("")) for layer, router in chunk],
             )
         tables.append(table)
@@ -80,4 +93,4 @@ def render_route(frame: pd.DataFrame, console: Console) -> None:
         console.print(table)
     generated = frame.attrs.get("generated_text")
     if generated:
-        console.print(Text("generated: ", style="bold") + Text(generated, style="italic green"))
+        console.print(Text("generated: ", style="bold") + Text(escape_controls(generated), style="italic green"))

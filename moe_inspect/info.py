@@ -1,4 +1,7 @@
-"""Model size from the config alone: total, routed-expert and active parameters, and weight memory.
+"""The library side of ``moe-inspect info``: model size from the config alone, and the routing rule in words.
+
+Total, routed-expert and active parameters and weight memory are counted on a model built from the config
+(``source.load_config``) with its routers found by ``routers``.
 
 The model is built on the meta device with ``torch.device("meta")``. accelerate's default
 ``init_empty_weights()`` is not enough in transformers 5: fused experts call ``torch.empty(E, 2I, H)``
@@ -16,15 +19,17 @@ Counting rules (why each one, since publishers count differently):
   token except the E - k experts a token was not routed to.
 * "active excluding the input embedding" subtracts the embedding matrix, because an embedding lookup reads
   one row per token; with tied embeddings the same matrix is the LM head, so nothing is subtracted.
+* "active non-embedding" subtracts the input embedding and the LM head, tied or not (counted once when
+  tied): Kaplan et al.'s N, the convention of publishers such as IBM (Granite 3.0 3B-A800M is "800M active").
+* Encoder-decoder models (SwitchTransformers, NLLB-MoE) are refused: their routers and counts follow other
+  rules, and a figure that could not be computed is never printed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,20 +37,18 @@ from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.families import facts_for
-from moe_inspect.loading import hub_offline, looks_like_path
 from moe_inspect.routers import (
     EXPERT_COUNT_ATTRS,
     SHARED_ATTRS,
-    SHARED_COUNT_KEYS,
-    TOP_K_ATTRS,
     RouterSpec,
     find_routers,
+    find_routers_structural,
     int_attr,
-    layer_index,
     moe_block,
     parent_module,
     safe_getattr,
 )
+from moe_inspect.source import first_line, load_config, text_config
 
 # Bytes per parameter for weight-memory estimates (weights only: no scales, KV cache or activations).
 BYTES_PER_PARAM: dict[str, float] = {"fp32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
@@ -114,6 +117,7 @@ class ModelInfo:
     routed_expert_params: int
     active_params: int
     active_params_excl_input_embedding: int
+    active_params_non_embedding: int
     input_embedding_params: int
     lm_head_params: int
     tied_embeddings: bool
@@ -131,104 +135,6 @@ class ModelInfo:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data; byte counts are ints (int4 rounds up half bytes)."""
         return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def _first_line(exc: BaseException) -> str:
-    """The gist of an exception; validation errors put the reason on the line after 'field x:'."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return text.rstrip(".")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Parse the config ourselves so a broken file gets a precise sentence, not a transformers traceback."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"'{path}' is not a UTF-8 text file, so it cannot be a config.json.") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"'{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
-        ) from None
-    except OSError as exc:
-        raise UserError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
-    if not isinstance(data, dict):
-        raise UserError(f"'{path}' holds a JSON {type(data).__name__}, not the object a config.json holds.")
-    return data
-
-
-def _check_model_type(data: dict[str, Any], path: Path, trust_remote_code: bool) -> None:
-    from transformers import CONFIG_MAPPING
-
-    model_type = data.get("model_type")
-    if not model_type:
-        raise UserError(f"'{path}' has no model_type, so transformers cannot tell which architecture it describes.")
-    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in data):
-        import transformers
-
-        known = f"transformers {transformers.__version__} does not know model type '{model_type}'"
-        if trust_remote_code:
-            raise UserError(f"{known} and the config names no code of its own (auto_map).")
-        raise UserError(f"{known}; if the model ships its own code, retry with --trust-remote-code.")
-
-
-def load_config(
-    model: str,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    token: str | bool | None = None,
-) -> Any:
-    """A ``PretrainedConfig`` from a Hub id, a model folder or a path to a config JSON file.
-
-    Only the config is read, never weights. Every failure the user can fix is a ``UserError`` with one
-    sentence: a missing path, malformed JSON, an unknown model type (suggesting --trust-remote-code),
-    or a Hub id that is not cached while offline.
-    """
-    from transformers import AutoConfig
-
-    path = Path(model).expanduser()
-    if path.exists():
-        if path.is_dir():
-            config_file = path / "config.json"
-            if not config_file.is_file():
-                raise UserError(f"'{model}' has no config.json, so it is not a transformers model folder.")
-        else:
-            config_file = path
-        data = _read_json(config_file)
-        _check_model_type(data, config_file, trust_remote_code)
-        source = str(path) if path.is_dir() else str(config_file)
-        try:
-            return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except Exception as exc:  # the user's file: any failure to parse it is theirs to fix
-            if "trust_remote_code" in str(exc):
-                raise UserError(
-                    f"'{model}' needs its own code to load; retry with --trust-remote-code."
-                ) from None
-            raise UserError(f"'{model}' is not a valid {data['model_type']} config: {_first_line(exc)}.") from None
-    if looks_like_path(model):
-        raise UserError(f"No such file or folder: '{model}'.")
-    try:
-        return AutoConfig.from_pretrained(
-            model, revision=revision, trust_remote_code=trust_remote_code, token=token
-        )
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
-        text = str(exc)
-        if "does not recognize this architecture" in text:
-            raise UserError(
-                f"transformers does not know the model type of '{model}'; retry with --trust-remote-code."
-            ) from None
-        if "trust_remote_code" in text:
-            raise UserError(f"'{model}' needs its own code to load; retry with --trust-remote-code.") from None
-        if hub_offline() and isinstance(exc, OSError):
-            raise UserError(
-                f"'{model}' is not in the local Hugging Face cache and the machine is offline (HF_HUB_OFFLINE is set)."
-            ) from None
-        raise UserError(f"Could not read the config of '{model}': {_first_line(exc)}.") from None
 
 
 def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
@@ -252,7 +158,7 @@ def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
         except Exception as exc:  # a config transformers cannot build is the user's to fix
             last = exc
             break
-    raise UserError(f"transformers could not build a '{model_type}' model from this config: {_first_line(last)}.")
+    raise UserError(f"transformers could not build a '{model_type}' model from this config: {first_line(last)}.")
 
 
 # -------------------------------------------------------------------------------------------- counting
@@ -265,11 +171,6 @@ def _first_number(objs: tuple[Any, ...], names: tuple[str, ...]) -> float | None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
     return None
-
-
-def _text_config(config: Any) -> Any:
-    getter = getattr(config, "get_text_config", None)
-    return getter() if callable(getter) else config
 
 
 def _fill_expert_count(model: nn.Module, spec: RouterSpec) -> None:
@@ -307,42 +208,6 @@ def _routed_params(model: nn.Module, spec: RouterSpec) -> list[nn.Parameter]:
     ]
 
 
-def _structural_routers(model: nn.Module, config: Any) -> list[RouterSpec]:
-    """Remote-code fallback on a meta model: blocks with an ``experts`` child and a gate/router beside it.
-
-    A forward pass is impossible on meta tensors, so this reads structure (names) instead of the output
-    shape that ``find_routers_heuristic`` uses on loaded models. Flagged ``heuristic``.
-    """
-    text = _text_config(config)
-    model_type = getattr(config, "model_type", "unknown")
-    top_k = int_attr(text, TOP_K_ATTRS) or 1
-    specs: list[RouterSpec] = []
-    for path, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        gate = next(
-            (getattr(module, n) for n in ("gate", "router") if isinstance(getattr(module, n, None), nn.Module)), None
-        )
-        if not isinstance(experts, nn.Module) or gate is None:
-            continue
-        count = len(experts) if isinstance(experts, nn.ModuleList) else int_attr(text, EXPERT_COUNT_ATTRS)
-        if not count:
-            continue
-        gate_name = "gate" if getattr(module, "gate", None) is gate else "router"
-        shared = 0
-        if any(getattr(module, a, None) is not None for a in SHARED_ATTRS):
-            shared = int_attr(text, SHARED_COUNT_KEYS) or 1
-        gate_path = f"{path}.{gate_name}" if path else gate_name
-        specs.append(
-            RouterSpec(
-                index=len(specs), layer=layer_index(gate_path), path=gate_path, kind="mlp", model_type=model_type,
-                router_class=type(gate).__name__, num_experts=count, top_k=min(top_k, count), null_experts=0,
-                null_label="null", scoring="softmax", parser="tuple", logits_index=0, selection="top-k",
-                shared_experts=shared, heuristic=True, module=gate,
-            )
-        )
-    return specs
-
-
 def _num_layers(model: nn.Module, config: Any, routers: list[RouterSpec]) -> int:
     """Length of the decoder stack the routers sit in; the config's count when there is no router."""
     if routers:
@@ -351,7 +216,7 @@ def _num_layers(model: nn.Module, config: Any, routers: list[RouterSpec]) -> int
             stack = model.get_submodule(match.group(1))
             if isinstance(stack, nn.ModuleList):
                 return len(stack)
-    configured = int_attr(_text_config(config), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    configured = int_attr(text_config(config), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
     if configured:
         return configured
     return max((r.layer for r in routers), default=-1) + 1
@@ -396,7 +261,7 @@ def routing_rule(model: nn.Module, config: Any, routers: list[RouterSpec]) -> st
     spec = next((r for r in routers if r.kind == "mlp"), routers[0])
     model_type = spec.model_type
     facts = facts_for(model_type)
-    text = _text_config(config)
+    text = text_config(config)
     experts = sorted({r.num_experts for r in routers})
     ks = sorted({r.top_k for r in routers})
     e_words = "/".join(map(str, experts))
@@ -480,15 +345,21 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         config = getattr(model, "config", None)
     else:
         config = config_or_model
-        model = build_meta_model(config, trust_remote_code=trust_remote_code)
     model_type = str(getattr(config, "model_type", "unknown"))
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(
+            f"'{model_type}' is an encoder-decoder model; moe-inspect counts decoder-only language models only, "
+            "so it cannot give this model's figures."
+        )
+    if not isinstance(config_or_model, nn.Module):
+        model = build_meta_model(config, trust_remote_code=trust_remote_code)
     notes: list[str] = []
     try:
         routers = find_routers(model)
     except NotMoEError:
         from transformers import CONFIG_MAPPING
 
-        routers = _structural_routers(model, config) if model_type not in CONFIG_MAPPING else []
+        routers = find_routers_structural(model, config) if model_type not in CONFIG_MAPPING else []
         if routers:
             notes.append(
                 f"'{model_type}' is remote code: its routers were matched by structure (a block with "
@@ -516,6 +387,7 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
     active = round(total - inactive)
     embed_params, head_params, tied = _embeddings(model)
     active_excl = active if tied else active - embed_params
+    active_non_embedding = active - embed_params - (0 if tied else head_params)
     if tied:
         notes.append(
             "Input embedding and LM head are tied (one matrix), so excluding the input embedding changes nothing."
@@ -540,7 +412,7 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
     dense_layers = [entry.layer for entry in layers if entry.kind == "dense"]
     moe_entries = [entry for entry in layers if entry.kind == "moe"]
 
-    mtp = int_attr(_text_config(config), _MTP_ATTRS)
+    mtp = int_attr(text_config(config), _MTP_ATTRS)
     if mtp:
         notes.append(
             f"The config declares {mtp} multi-token-prediction (MTP) layer{'s' if mtp > 1 else ''} that "
@@ -570,6 +442,7 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         routed_expert_params=routed_total,
         active_params=active,
         active_params_excl_input_embedding=active_excl,
+        active_params_non_embedding=active_non_embedding,
         input_embedding_params=embed_params,
         lm_head_params=head_params,
         tied_embeddings=tied,
