@@ -114,7 +114,7 @@ def _memory_child(tokens: int, dir_a: str, dir_b: str, corpus: str) -> None:
     import moe_inspect
 
     insp = moe_inspect.load(dir_a)
-    report = insp.compare({"model": dir_b}, files=[corpus], seq_len=512, batch_size=4, max_tokens=tokens)
+    report = insp.compare(moe_inspect.LoadOptions(dir_b), files=[corpus], seq_len=512, batch_size=4, max_tokens=tokens)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     summary = report.summary.iloc[0]
     print(

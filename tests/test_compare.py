@@ -427,3 +427,47 @@ def test_cli_together_writes_the_same_tables_as_two_pass(tiny_dir, corpus_file: 
     runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("two", "together")]
     assert [run["compare_summary"]["mode"] for run in runs] == ["two-pass", "together"]
     assert runs[0]["model_b"]["dtype"] == "bfloat16" and runs[0]["model_a"]["dtype"] == "float32"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model B's options: the first model's unless given
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _parsed_options(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[LoadOptions, LoadOptions]:
+    """What the CLI hands to the comparison for ``args``, without loading anything."""
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    module = sys.modules["moe_inspect.cli.compare"]
+    seen: list[tuple[LoadOptions, LoadOptions]] = []
+    monkeypatch.setattr(module, "_compare_models", lambda inputs, a, b, *rest: seen.append((a, b)))
+    result = CliRunner().invoke(app, ["compare", "corpus.txt", *args])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_against_options_default_to_the_first_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = ["-m", "org/m", "--dtype", "bfloat16", "--device", "cpu", "--revision", "v1", "--device-map", "auto"]
+    a, b = _parsed_options(monkeypatch, *first, "--trust-remote-code", "--against-load-in-4bit")
+    assert a == LoadOptions("org/m", "bfloat16", "cpu", "v1", True, "auto", False, False)
+    assert b == LoadOptions("org/m", "bfloat16", "cpu", "v1", True, "auto", load_in_4bit=True)  # the issue's example
+    # Given options win; another model does not inherit the first's revision.
+    a, b = _parsed_options(monkeypatch, *first, "--against", "org/ft", "--against-dtype", "float16")
+    assert b == LoadOptions("org/ft", "float16", "cpu", None, False, "auto")
+    assert _parsed_options(monkeypatch, "--against-model", "org/ft")[1].model == "org/ft"
+    # Quantization is one choice: A's when B names none, else only B's.
+    assert _parsed_options(monkeypatch, "--load-in-4bit")[1].load_in_4bit
+    b = _parsed_options(monkeypatch, "--load-in-4bit", "--against-load-in-8bit")[1]
+    assert (b.load_in_4bit, b.load_in_8bit) == (False, True)
+
+
+def test_cli_json_is_one_document_on_stdout(tiny_dir, corpus_file: Path, tmp_path: Path) -> None:
+    args = ["compare", str(corpus_file), "-m", str(tiny_dir("mixtral")), "--seq-len", "16", "--max-tokens", "64"]
+    result = _cli(*args, "--json", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["summary"][0]["first_choice_agreement"] == 1.0  # the model against itself
+    assert len(document["layers"]) == len(document["run"]["model_a"]["routers"])
+    assert result.stderr == ""
