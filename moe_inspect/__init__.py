@@ -16,7 +16,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 from moe_inspect.options import LoadOptions
 
-__all__ = ["Inspector", "LoadOptions", "__version__", "load"]
+__all__ = ["Inspector", "LoadOptions", "__version__", "compare_runs", "load"]
 
 
 def __getattr__(name: str) -> object:
@@ -25,4 +25,8 @@ def __getattr__(name: str) -> object:
         from moe_inspect import api
 
         return getattr(api, name)
+    if name == "compare_runs":
+        from moe_inspect.analysis.compare_runs import compare_runs
+
+        return compare_runs
     raise AttributeError(name)

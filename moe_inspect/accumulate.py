@@ -8,7 +8,7 @@ indexing, which would synchronise. The host sees the tensors once, in ``finish``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -161,3 +161,24 @@ class BalanceAccumulator:
                 )
             )
         return totals
+
+
+def sum_totals(parts: list[list[RouterTotals]]) -> list[RouterTotals]:
+    """Router-wise sums of several corpora's totals (every field is a sum, so this equals one run over all)."""
+    by_router: dict[int, RouterTotals] = {}
+    for totals in parts:
+        for t in totals:
+            seen = by_router.get(t.spec.index)
+            if seen is None:
+                by_router[t.spec.index] = replace(t, dropped=dict(t.dropped))
+                continue
+            for name in ("tokens", "count", "first_choice", "prob_sum", "weight_sum", "coactivation", "entropy_sum",
+                         "top1_sum", "z_sum", "repeat_first", "repeat_any", "pairs"):
+                setattr(seen, name, getattr(seen, name) + getattr(t, name))
+            for name in ("aux_count", "aux_prob_sum"):
+                if getattr(seen, name) is not None and getattr(t, name) is not None:
+                    setattr(seen, name, getattr(seen, name) + getattr(t, name))
+                elif getattr(t, name) is not None:
+                    setattr(seen, name, getattr(t, name))
+            seen.dropped = {cf: seen.dropped.get(cf, 0) + d for cf, d in t.dropped.items()}
+    return [by_router[index] for index in sorted(by_router)]

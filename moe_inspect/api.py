@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -26,10 +26,13 @@ from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
 from moe_inspect.model.quantize import no_grad_context
 from moe_inspect.options import LoadOptions
-from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
+from moe_inspect.source import check_prompt_length, check_seq_len, load_tokenizer, positions_limit, resolve_model
 from moe_inspect.tables import route_frame, routers_frame
 from moe_inspect.tokens import token_bytes
 from moe_inspect.units import layer_ranges
+
+if TYPE_CHECKING:
+    from moe_inspect.analysis.compare import CompareReport
 
 
 class Inspector:
@@ -94,6 +97,7 @@ class Inspector:
         top_tokens: int = 0,
         min_count: int = 5,
         top_token_layers: Iterable[int] | None = None,
+        by_file: bool = False,
         **corpus_options: Any,
     ) -> BalanceReport:
         """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
@@ -103,6 +107,8 @@ class Inspector:
         ``top_tokens=N`` also fills ``report.expert_tokens`` (each expert's N most frequent and N highest-lift
         token ids with at least ``min_count`` assignments) and ``vocab_specialization`` in ``report.layers``;
         ``top_token_layers`` limits the counting (memory: see ``analysis.token_counts``) to those decoder layers.
+        ``by_file`` measures each text/file on its own (``max_tokens`` then caps each) and adds a ``source``
+        column to ``layers`` and ``experts``: one block per file, then ``all``.
         """
         if top_tokens < 0 or min_count < 1:
             raise UserError("`top_tokens` must be at least 0 and `min_count` at least 1.")
@@ -117,13 +123,62 @@ class Inspector:
             "mode": reader.mode,
             "max_tokens": reader.max_tokens,
         }
+        if by_file:
+            readers = [replace(reader, files=[f]) for f in reader.files]
+            batches, sources = [], [(r.files[0].name, r.batches()) for r in readers]
+        else:
+            readers, batches, sources = [reader], reader.batches(), None
         report = run_balance(
-            self.loaded, reader.batches(), tuple(capacity_factors), progress, info, top_tokens, min_count,
-            top_token_layers,
+            self.loaded, batches, tuple(capacity_factors), progress, info, top_tokens, min_count,
+            top_token_layers, sources=sources,
         )
         report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
         if reader.mode != "lines":
-            report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
+            report.run["unrouted_tail_tokens"] = sum(r.unrouted_tail_tokens for r in readers)
+        return report
+
+    def compare(
+        self,
+        other: Inspector | LoadOptions | Mapping[str, Any],
+        texts: str | Sequence[str] | None = None,
+        *,
+        scratch: str | Path | None = None,
+        **corpus_options: Any,
+    ) -> CompareReport:
+        """Routing and output drift of ``other`` (model B) against this model (A) on the same token batches.
+
+        ``other`` is an Inspector (both are already in memory, so each batch runs through both in turn) or
+        ``LoadOptions`` (or a dict of its fields): then B is loaded only after A's pass left its record on disk.
+        ``corpus_options`` are those of ``corpus``. Returns ``.layers``, ``.experts``, ``.summary`` (schemas
+        ``COMPARE_*``).
+        """
+        from moe_inspect.analysis.compare import check_same_tokenizer, compare_together, compare_two_pass
+
+        reader = self.corpus(texts, **corpus_options)
+        info = {
+            "seq_len": reader.seq_len,
+            "batch_size": reader.batch_size,
+            "mode": reader.mode,
+            "max_tokens": reader.max_tokens,
+        }
+        if isinstance(other, Inspector):
+            check_same_tokenizer(self.tokenizer, other.tokenizer)
+            reader.check_long_enough()
+            report = compare_together(self.loaded, other.loaded, reader.batches(), run_info=info)
+        else:
+            options = other if isinstance(other, LoadOptions) else LoadOptions(**dict(other))
+            model_id = resolve_model(options.model)[0]
+            tokenizer = load_tokenizer(model_id, options.revision, options.trust_remote_code)
+            check_same_tokenizer(self.tokenizer, tokenizer)
+            reader.check_long_enough()
+            report = compare_two_pass(
+                lambda: self.loaded,
+                lambda: load_model(options, tokenizer=tokenizer),
+                reader.batches(),
+                scratch=scratch,
+                run_info=info,
+            )
+        report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
         return report
 
     def ablate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.analysis import distributed
 from moe_inspect.analysis.batching import BatchMemory
 from moe_inspect.analysis.routing_pass import routing_forward
@@ -81,29 +81,17 @@ def package_versions() -> dict[str, str | None]:
     return found
 
 
-def run_balance(
+def _route(
     loaded: LoadedModel,
+    accumulator: BalanceAccumulator,
+    counter: TokenCounter | None,
+    memory: BatchMemory,
     batches: Iterable[Batch],
-    capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
-    progress: Progress | None = None,
-    run_info: dict[str, Any] | None = None,
-    top_tokens: int = 0,
-    min_count: int = 5,
-    token_layers: Iterable[int] | None = None,
-) -> BalanceReport:
-    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial).
-
-    ``top_tokens`` > 0 also counts token ids per expert (``analysis.token_counts``) for ``expert_tokens``,
-    in the decoder layers ``token_layers`` (default all MoE layers).
-    """
-    accumulator = BalanceAccumulator(loaded.routers, check_capacity_factors(capacity_factors))
-    counter = TokenCounter(loaded.routers, token_layers, len(loaded.tokenizer)) if top_tokens > 0 else None
-    batches = distributed.shard(batches)  # under torchrun: this rank's batches only (no-op in one process)
+    progress: Progress | None,
+) -> tuple[int, bool]:
+    """Stream ``batches`` into ``accumulator`` (and ``counter``): (real tokens routed, whether Ctrl-C stopped it)."""
     device = loaded.input_device
     tokens = 0
-    partial = False
-    memory = BatchMemory(loaded)
-    started = time.perf_counter()
     try:
         with no_grad_context(loaded.model), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
             for batch in batches:
@@ -124,10 +112,53 @@ def run_balance(
                 if progress is not None:
                     progress(batch)
     except KeyboardInterrupt:
-        partial = True
+        return tokens, True
+    return tokens, False
+
+
+def _with_source(blocks: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """Stack per-source tables with a leading ``source`` column."""
+    frame = pd.concat([table.assign(source=name) for name, table in blocks], ignore_index=True)
+    return frame[["source", *frame.columns[:-1]]]
+
+
+def run_balance(
+    loaded: LoadedModel,
+    batches: Iterable[Batch],
+    capacity_factors: tuple[float, ...] = DEFAULT_CAPACITY_FACTORS,
+    progress: Progress | None = None,
+    run_info: dict[str, Any] | None = None,
+    top_tokens: int = 0,
+    min_count: int = 5,
+    token_layers: Iterable[int] | None = None,
+    sources: Sequence[tuple[str, Iterable[Batch]]] | None = None,
+) -> BalanceReport:
+    """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial).
+
+    With ``sources`` (name, batches) instead, each source is accumulated on its own and the tables get a
+    ``source`` column: one block of rows per source, then ``all`` (their sums, which equal one run over all).
+    ``top_tokens`` > 0 also counts token ids per expert (``analysis.token_counts``) for ``expert_tokens``, over
+    the whole corpus, in the decoder layers ``token_layers`` (default all MoE layers).
+    """
+    capacity_factors = check_capacity_factors(capacity_factors)
+    counter = TokenCounter(loaded.routers, token_layers, len(loaded.tokenizer)) if top_tokens > 0 else None
+    streams = list(sources) if sources is not None else [("all", batches)]
+    memory = BatchMemory(loaded)
+    accumulators: list[tuple[str, BalanceAccumulator]] = []
+    tokens = 0
+    partial = False
+    started = time.perf_counter()
+    for name, stream in streams:
+        accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
+        # Under torchrun each rank routes its own share of the batches and the sums are reduced once at the end.
+        done, partial = _route(loaded, accumulator, counter, memory, distributed.shard(stream), progress)
+        accumulators.append((name, accumulator))
+        tokens += distributed.reduce_accumulator(accumulator, done)
+        if partial:
+            break
     elapsed = time.perf_counter() - started
-    tokens = distributed.reduce_accumulator(accumulator, tokens)  # under torchrun: every rank's sums, once
-    totals = accumulator.finish()
+    per_source = [(name, acc.finish()) for name, acc in accumulators]
+    blocks = per_source if sources is None else [*per_source, ("all", sum_totals([t for _, t in per_source]))]
     run = {
         "model": loaded.model_id,
         "model_type": loaded.model_type,
@@ -136,7 +167,7 @@ def run_balance(
         "device": loaded.device,
         "quantization": loaded.quantization,
         "tokens": tokens,
-        "batches": accumulator.batches,
+        "batches": sum(acc.batches for _, acc in accumulators),
         "capacity_factors": list(capacity_factors),
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
@@ -149,14 +180,17 @@ def run_balance(
         "platform": platform.platform(),
         **(run_info or {}),
     }
-    report = BalanceReport(
-        layers=layers_frame(totals, capacity_factors),
-        experts=experts_frame(totals),
-        coactivation=coactivation_frame(totals),
-        run=run,
-    )
+    if sources is not None:
+        run["sources"] = [name for name, _ in per_source]
+    coactivation = coactivation_frame(blocks[-1][1])  # over everything routed ('all' with sources)
+    if sources is None:
+        layers, experts = layers_frame(blocks[0][1], capacity_factors), experts_frame(blocks[0][1])
+    else:
+        layers = _with_source([(name, layers_frame(t, capacity_factors)) for name, t in blocks])
+        experts = _with_source([(name, experts_frame(t)) for name, t in blocks])
+    report = BalanceReport(layers=layers, experts=experts, coactivation=coactivation, run=run)
     if counter is not None:
-        token_totals = counter.finish()
+        token_totals = counter.finish()  # over the whole corpus, also with sources
         report.layers = report.layers.merge(vocab_frame(token_totals), on=["layer", "router"], how="left")
         report.expert_tokens = expert_tokens_frame(
             token_totals, lambda i: loaded.tokenizer.decode([i]), top_tokens, min_count

@@ -250,9 +250,85 @@ PLAN_LAYERS = Schema(
 )
 
 
+
+COMPARE_LAYERS = Schema(
+    "compare_layers",
+    "One row per MoE router: how model B's routing of the same tokens differs from model A's.",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("tokens", "int64", "real tokens compared"),
+        Column("first_choice_agreement", "float64", "share of tokens whose rank-0 expert is the same"),
+        Column("topk_overlap", "float64", "mean size of S_A ∩ S_B over k (top-k sets)"),
+        Column("topk_jaccard", "float64", "mean size of S_A ∩ S_B over size of S_A ∪ S_B"),
+        Column("exact_set_agreement", "float64", "share of tokens with the same top-k set"),
+        Column("weight_overlap", "float64", "mean over tokens of sum_e min(w_A, w_B), weights normalised to sum 1"),
+        Column("routing_js", "float64", "mean per-token Jensen-Shannon divergence of the routing distributions, bits"),
+        Column("load_tv", "float64", "total variation between the two assignment-share vectors"),
+        Column("load_js", "float64", "Jensen-Shannon divergence between the two assignment-share vectors, bits"),
+        Column("margin_changed", "float64", "A's mean k-th minus (k+1)-th probability on tokens whose set changed"),
+        Column("margin_kept", "float64", "the same margin on tokens whose top-k set was kept"),
+    ),
+)
+
+COMPARE_EXPERTS = Schema(
+    "compare_experts",
+    "One row per (MoE router, expert): its load under model A and model B (or corpus/run A and B).",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("expert", "int64", "expert id"),
+        Column("count_a", "int64", "tokens that chose the expert under A"),
+        Column("count_b", "int64", "tokens that chose the expert under B"),
+        Column("share_a", "float64", "count_a / (tokens * k)"),
+        Column("share_b", "float64", "count_b / (tokens * k)"),
+        Column("share_diff", "float64", "share_b - share_a"),
+        Column("log2_ratio", "float64", "log2(share_b / share_a); ±inf when one side is 0"),
+    ),
+)
+
+COMPARE_SUMMARY = Schema(
+    "compare_summary",
+    "One row: the whole comparison, routing against output (run.json's compare_summary).",
+    (
+        Column("tokens", "int64", "real tokens compared"),
+        Column("predicted_positions", "int64", "positions with a next token, over which the outputs are compared"),
+        Column("top1_agreement", "float64", "share of positions where both models' most likely next token agree"),
+        Column("output_kl", "float64", "mean KL(A || B) of the next-token distributions, nats, over kl_support"),
+        Column("kl_support", "string", "the support the KL is computed over"),
+        Column("first_choice_agreement", "float64", "mean over layers of first_choice_agreement"),
+        Column("routing_js", "float64", "mean over layers of routing_js"),
+        Column("worst_layer", "int64", "layer with the lowest first-choice agreement"),
+        Column("worst_first_choice_agreement", "float64", "its first-choice agreement"),
+        Column("mode", "string", "'two-pass' (one model in memory at a time) or 'together'"),
+        Column("record_bytes", "float64", "disk used by model A's record (two-pass), bytes"),
+        Column("record_bytes_per_token", "float64", "record_bytes / tokens"),
+    ),
+)
+
+COMPARE_RUN_LAYERS = Schema(
+    "compare_run_layers",
+    "One row per MoE router when comparing two balance runs: the columns of compare_layers that apply.",
+    (
+        Column("layer", "int64", "decoder-layer index"),
+        Column("load_tv", "float64", "total variation between the two runs' assignment-share vectors"),
+        Column("load_js", "float64", "Jensen-Shannon divergence between them, bits"),
+    ),
+)
+
+COMPARE_RUN_EXPERTS = Schema(
+    "compare_run_experts",
+    "One row per (MoE router, expert) when comparing two balance runs, with OLMoE's domain specialisation.",
+    (
+        *COMPARE_EXPERTS.columns,
+        Column("specialisation_a", "float64", "token share in run A / uniform k/E (1 = uniform)"),
+        Column("specialisation_b", "float64", "token share in run B / uniform k/E"),
+        Column("specialises_in", "string", "the run whose specialisation is higher and above 1, else 'neither'"),
+    ),
+)
+
+
 ALL = (
     ROUTE, LAYERS, EXPERTS, COACTIVATION, ROUTERS, EXPERT_TOKENS, ABLATION, ABLATION_LAYERS, IMPORTANCE, GRADIENTS,
-    PLACEMENT, PLAN_LAYERS,
+    PLACEMENT, PLAN_LAYERS, COMPARE_LAYERS, COMPARE_EXPERTS, COMPARE_SUMMARY, COMPARE_RUN_LAYERS, COMPARE_RUN_EXPERTS,
 )
 
 

@@ -133,8 +133,8 @@ def test_version_flag() -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["--help"], ["route", "--help"], ["balance", "--help"], ["info", "--help"], ["ablate", "--help"],
-        ["ingest", "--help"], ["plan", "--help"], ["route", "hi", "--no-such"],
+        ["--help"], ["route", "--help"], ["balance", "--help"], ["compare", "--help"], ["info", "--help"],
+        ["ablate", "--help"], ["ingest", "--help"], ["plan", "--help"], ["route", "hi", "--no-such"],
     ],
 )
 def test_help_and_option_errors_import_no_torch(args: list[str]) -> None:

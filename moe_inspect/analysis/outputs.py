@@ -181,3 +181,36 @@ def topk_logprobs(
         empty = torch.empty(0, k, device=decoded.input_ids.device)
         return empty, empty.long(), empty[:, 0], positions
     return torch.cat(values), torch.cat(ids), torch.cat(rest), positions
+
+
+def logprobs_at(
+    head: OutputHead, decoded: DecoderPass, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This model's log-probabilities of given token ids at every predicted position, chunk by chunk.
+
+    ``ids`` (N, k) are another model's top-k ids in the row-major position order of ``topk_logprobs``. Returns
+    ``(values (N, k), rest_logmass (N,), top_logprob (N,))``: the log-probs at those ids, the log of the mass
+    outside them and this model's highest log-prob (the other model's top-1 token is also this one's when its value
+    equals it, ties included), the parts of a two-model output comparison that need this model's logits. Computed
+    with the same ops as ``topk_logprobs``, so a model compared with itself matches bit for bit.
+    """
+    positions = predicted_positions(decoded.attention_mask)
+    values: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    top: list[torch.Tensor] = []
+    start = 0
+    for _keep, logits in head.chunks(decoded, positions):
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chunk_ids = ids[start : start + logprobs.shape[0]].to(logprobs.device)
+        start += logprobs.shape[0]
+        picked = logprobs.gather(-1, chunk_ids)
+        values.append(picked)
+        kept_mass = picked.exp().sum(-1).clamp(max=1.0)
+        rest.append(torch.log1p(-kept_mass.clamp(max=1 - 1e-7)))
+        top.append(logprobs.max(-1).values)
+    if start != ids.shape[0]:
+        raise ValueError(f"{ids.shape[0]} rows of ids for {start} predicted positions")
+    if not values:
+        empty = torch.empty(0, ids.shape[-1], device=decoded.input_ids.device)
+        return empty, empty[:, 0], empty[:, 0]
+    return torch.cat(values), torch.cat(rest), torch.cat(top)

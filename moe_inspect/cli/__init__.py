@@ -14,6 +14,7 @@ from moe_inspect import __version__
 from moe_inspect.cli.ablate import ABLATE_EXAMPLES, ablate
 from moe_inspect.cli.balance import BALANCE_EXAMPLES, balance
 from moe_inspect.cli.common import exit_cleanly_on_sigterm
+from moe_inspect.cli.compare import COMPARE_EXAMPLES, compare
 from moe_inspect.cli.info import INFO_EXAMPLES, info
 from moe_inspect.cli.ingest import INGEST_EXAMPLES, ingest
 from moe_inspect.cli.options import flag
@@ -68,6 +69,7 @@ def _root(
 
 app.command(epilog=ROUTE_EXAMPLES, cls=_Command)(route)
 app.command(epilog=BALANCE_EXAMPLES, cls=_Command)(balance)
+app.command(epilog=COMPARE_EXAMPLES, cls=_Command)(compare)
 app.command(epilog=INFO_EXAMPLES, cls=_Command)(info)
 app.command(epilog=ABLATE_EXAMPLES, cls=_Command)(ablate)
 app.command(epilog=INGEST_EXAMPLES, cls=_Command)(ingest)

@@ -70,6 +70,10 @@ def balance(
         str | None, typer.Option("--top-token-layers", help="Count tokens only in these layers, e.g. '0,5-7'.")
     ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    by_file: Annotated[
+        bool,
+        flag("--by-file", help="Measure each file on its own too: a source column, one block per file plus 'all'."),
+    ] = False,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -79,7 +83,7 @@ def balance(
     from moe_inspect.balance import check_capacity_factors
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
-    from moe_inspect.render.balance import plot_format, render_balance, write_heatmap_png
+    from moe_inspect.render.balance import overall, plot_format, render_balance, write_heatmap_png
     from moe_inspect.render.extras import balance_page, balance_tables, render_balance_extras
     from moe_inspect.render.html import write_html
     from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
@@ -135,7 +139,7 @@ def balance(
 
         report = insp.balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
-            top_token_layers=token_layers,
+            top_token_layers=token_layers, by_file=by_file,
         )
     if not distributed.is_main():
         return  # rank 0 holds the reduced report and writes it once
@@ -147,7 +151,7 @@ def balance(
     title = f"{insp.loaded.model_id}: expert load / uniform (log2)"
     failures = [
         save(report.write, out_dir, "--out", output) if out_dir is not None else None,
-        save(lambda path: write_heatmap_png(report.experts, path, title=title), plot, "--plot", output)
+        save(lambda path: write_heatmap_png(overall(report.experts), path, title=title), plot, "--plot", output)
         if plot is not None
         else None,
     ]

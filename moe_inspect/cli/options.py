@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Annotated, Any, TypeVar
 
@@ -61,14 +61,20 @@ _LOAD_FIELDS: tuple[tuple[str, str | None, Any, str], ...] = (
 )
 
 
-def _load_option(name: str, prefix: str = "", panel: str = MODEL_PANEL) -> Any:
-    """One loading option as an Annotated type, its flag prefixed (``--against-model``)."""
-    _, short, kind, help_text = next(f for f in _LOAD_FIELDS if f[0] == name)
+def _load_option(name: str, prefix: str = "", panel: str = MODEL_PANEL, help_text: str | None = None) -> Any:
+    """One loading option as an Annotated type, its flag prefixed (``--against-model``, also ``--against``).
+
+    ``help_text`` replaces the field's own help (and its shown default), for a group whose defaults differ.
+    """
+    _, short, kind, own_help = next(f for f in _LOAD_FIELDS if f[0] == name)
     decls = [f"--{prefix}{name.replace('_', '-')}"] + ([short] if short and not prefix else [])
+    if name == "model" and prefix:
+        decls.insert(0, f"--{prefix.rstrip('-')}")  # the second model itself: --against MODEL
     default = getattr(LoadOptions(), name)
     option = flag if kind is bool else typer.Option
+    show_default = help_text is None and default not in (None, False)
     return Annotated[
-        kind, option(*decls, rich_help_panel=panel, help=help_text, show_default=default not in (None, False))
+        kind, option(*decls, rich_help_panel=panel, help=help_text or own_help, show_default=show_default)
     ]
 
 
@@ -76,26 +82,33 @@ RevisionOpt = _load_option("revision")
 TrustRemoteCodeOpt = _load_option("trust_remote_code")
 
 
-def load_option_parameters(prefix: str = "", panel: str = MODEL_PANEL) -> list[inspect.Parameter]:
+def load_option_parameters(
+    prefix: str = "", panel: str = MODEL_PANEL, helps: Mapping[str, str] | None = None
+) -> list[inspect.Parameter]:
     """The loading options as keyword parameters named ``{prefix}{field}`` with flags ``--{prefix}{flag}``."""
     defaults = LoadOptions()
     return [
         inspect.Parameter(
             prefix.replace("-", "_") + name,
             inspect.Parameter.KEYWORD_ONLY,
-            annotation=_load_option(name, prefix, panel),
+            annotation=_load_option(name, prefix, panel, (helps or {}).get(name)),
             default=Dtype(getattr(defaults, name)) if kind is Dtype else getattr(defaults, name),
         )
         for name, _, kind, _ in _LOAD_FIELDS
     ]
 
 
-def with_load_options(prefix: str = "", dest: str = "load", panel: str = MODEL_PANEL) -> Callable[[F], F]:
-    """Give a command the loading options (prefixed) and call it with one ``LoadOptions`` as ``dest``."""
+def with_load_options(
+    prefix: str = "", dest: str = "load", panel: str = MODEL_PANEL, helps: Mapping[str, str] | None = None
+) -> Callable[[F], F]:
+    """Give a command the loading options (prefixed) and call it with one ``LoadOptions`` as ``dest``.
+
+    ``helps`` replaces some fields' help texts (a second model's options, whose defaults are the first's).
+    """
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func, eval_str=True)
-        added = load_option_parameters(prefix, panel)
+        added = load_option_parameters(prefix, panel, helps)
         kept = [p for p in signature.parameters.values() if p.name != dest]
         names = [p.name for p in added]
 

@@ -133,11 +133,18 @@ def heatmap(experts: pd.DataFrame, width: int, color_system: str | None = "truec
     return Group(*lines)
 
 
+def overall(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ``all`` block of a ``--by-file`` table (the table itself otherwise)."""
+    if "source" not in frame:
+        return frame
+    return frame[frame["source"] == "all"].drop(columns="source").reset_index(drop=True)
+
+
 def render_balance(report: BalanceReport, console: Console) -> None:
-    """Summary table, heatmap and one line on what was measured."""
+    """Summary table, heatmap and one line on what was measured (over all files with ``--by-file``)."""
     run = report.run
-    console.print(summary_table(report.layers, run["capacity_factors"], console.width))
-    console.print(heatmap(report.experts, console.width, console.color_system))
+    console.print(summary_table(overall(report.layers), run["capacity_factors"], console.width))
+    console.print(heatmap(overall(report.experts), console.width, console.color_system))
     if run.get("source") == "engine record":
         console.print(_record_footer(run))
         return
