@@ -24,12 +24,14 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("the model was loaded")
 
-    for command in ("balance", "route"):
+    for command in ("balance", "route", "compare", "ablate"):
         monkeypatch.setattr(importlib.import_module(f"moe_inspect.cli.{command}"), "load_for_cli", refuse)
 
 
 @pytest.mark.usefixtures("no_model_load")
-@pytest.mark.parametrize("command", [["balance", "{c}"], ["route", "hi"], ["info"]])
+@pytest.mark.parametrize(
+    "command", [["balance", "{c}"], ["route", "hi"], ["info"], ["compare", "{c}"], ["ablate", "{c}", "--top-k", "1"]]
+)
 def test_html_that_is_a_folder_is_refused_before_any_work(command: list[str], tmp_path: Path, tiny_dir: Any) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)

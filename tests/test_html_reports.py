@@ -293,3 +293,40 @@ def test_reports_read_without_javascript(mixtral_dir: Path, tmp_path: Path, brow
         _assert_clean(browser)
     finally:
         browser.call("Emulation.setScriptExecutionDisabled", session=True, value=False)
+
+
+def test_compare_and_ablate_write_their_reports_from_the_cli(
+    mixtral_dir: Path, tmp_path: Path, browser: Browser
+) -> None:
+    """`compare --html` and `ablate --html` on a tiny model: the pages hold the very tables the run wrote."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(LINES * 3))
+    model = str(mixtral_dir)
+    compare = runner.invoke(
+        app,
+        ["compare", str(corpus), "-m", model, "--against-dtype", "bfloat16", "--seq-len", "16", "-q",
+         "--out", str(tmp_path / "cmp"), "--html", str(tmp_path / "compare.html")],
+    )
+    assert compare.exit_code == 0, compare.output
+    layers = pd.read_csv(tmp_path / "cmp" / "compare_layers.csv")
+    browser.open(tmp_path / "compare.html")
+    _assert_clean(browser)
+    for table_id in ("heatmap-a", "heatmap-b", "heatmap-diff"):
+        cells = browser.evaluate(f"document.querySelectorAll('#{table_id} td').length")
+        assert cells == len(layers) * EXPERTS
+    worst = int(layers.sort_values("first_choice_agreement").iloc[0]["layer"])
+    assert f"Lowest first-choice agreement: layer {worst}" in browser.evaluate("document.body.innerText")
+
+    ablate = runner.invoke(
+        app,
+        ["ablate", str(corpus), "-m", model, "--top-k", "1", "--drop-experts", "*:3", "--seq-len", "16", "-q",
+         "--out", str(tmp_path / "abl"), "--html", str(tmp_path / "ablate.html")],
+    )
+    assert ablate.exit_code == 0, ablate.output
+    settings = pd.read_csv(tmp_path / "abl" / "ablation.csv", keep_default_na=False)["setting"].tolist()
+    assert settings == ["baseline", "top-k=1", "drop-experts=*:3"]
+    browser.open(tmp_path / "ablate.html")
+    _assert_clean(browser)
+    text = browser.evaluate("document.body.innerText")
+    assert all(setting in text for setting in settings)
+    assert browser.evaluate("document.querySelectorAll('svg rect').length") == len(settings) - 1

@@ -81,6 +81,7 @@ def ablate(
         Path | None,
         typer.Option("--out", help="Write ablation.csv, ablation_layers.csv, importance.csv, gradients.csv, run.json."),
     ] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -106,6 +107,8 @@ def ablate(
         raise UserError("--layers chooses the layers of --importance; add --importance.")
     if out_dir is not None:
         check_output(out_dir, "--out", folder=True)
+    if html is not None:
+        check_output(html, "--html")
     check_request(top_k or (), drop_experts or (), capacity_factor or ())  # the rest needs the model
     files = check_files(corpus)
     model_id, _ = resolve_model(load.model)
@@ -164,10 +167,16 @@ def ablate(
         )
     elif output.tables:
         render_ablation(report, out)
-    if out_dir is not None:
-        failure = save(report.write, out_dir, "--out", output)
-        if failure:
-            raise UserError(failure)
+    failures = [save(report.write, out_dir, "--out", output) if out_dir is not None else None]
+    if html is not None:
+        from moe_inspect.render.html import write_html
+        from moe_inspect.render.html.ablate import ablate_html
+
+        title = f"{insp.loaded.model_id}: what the routing is worth"
+        page = ablate_html(report.ablation, report.importance, title=title)
+        failures.append(save(lambda path: write_html(page, path), html, "--html", output))
+    if any(failures):
+        raise UserError(" ".join(f for f in failures if f))
     if report.partial:
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches completed before Ctrl-C.")
         raise typer.Exit(130)

@@ -66,7 +66,7 @@ def _given(ctx: typer.Context, prefix: str) -> set[str]:
     return {name for name, source in sources.items() if source is not None and source.name != "DEFAULT"}
 
 
-def _compare_runs(dir_a: str, dir_b: str, out_dir: Path | None, output: Output) -> None:
+def _compare_runs(dir_a: str, dir_b: str, out_dir: Path | None, output: Output) -> Any:
     from moe_inspect.analysis.compare_runs import compare_runs
     from moe_inspect.render.compare import render_runs
 
@@ -79,6 +79,7 @@ def _compare_runs(dir_a: str, dir_b: str, out_dir: Path | None, output: Output) 
         failure = save(report.write, out_dir, "--out", output)
         if failure:
             raise UserError(failure)
+    return report
 
 
 @user_errors
@@ -116,6 +117,7 @@ def compare(
         Path | None,
         typer.Option("--scratch", help="Folder for model A's temporary record (default: the system temp folder)."),
     ] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -127,13 +129,39 @@ def compare(
     output = Output(quiet, json_output)
     if out_dir is not None:
         check_output(out_dir, "--out", folder=True)
+    if html is not None:
+        check_output(html, "--html")
     if len(inputs) == 2 and all(Path(p).is_dir() for p in inputs):
-        _compare_runs(inputs[0], inputs[1], out_dir, output)
-        return
-    against = model_b_options(load, against, _given(ctx, "against_"))
-    _compare_models(
-        inputs, load, against, seq_len, batch_size, lines, max_tokens, out_dir, per_token, together, scratch, output
-    )
+        report = _compare_runs(inputs[0], inputs[1], out_dir, output)
+        labels = (Path(inputs[0]).name or inputs[0], Path(inputs[1]).name or inputs[1])
+    else:
+        against = model_b_options(load, against, _given(ctx, "against_"))
+        report = _compare_models(
+            inputs, load, against, seq_len, batch_size, lines, max_tokens, out_dir, per_token, together, scratch, output
+        )
+        labels = (_label(report.run.get("model_a"), "A"), _label(report.run.get("model_b"), "B"))
+    if html is not None:
+        _write_html(report, labels, html, output)
+
+
+def _label(described: Any, default: str) -> str:
+    """A model's name for the page: its id (with the loading mode where it says one), else ``default``."""
+    if not isinstance(described, dict):
+        return default
+    mode = described.get("quantization")
+    return f"{described.get('model', default)}{f' ({mode})' if mode else ''}"
+
+
+def _write_html(report: Any, labels: tuple[str, str], path: Path, output: Output) -> None:
+    """The compare page (render.html.compare) from the report's tables, written like every other output."""
+    from moe_inspect.render.html import write_html
+    from moe_inspect.render.html.compare import compare_html
+
+    summary = getattr(report, "summary", None)
+    page = compare_html(report.layers, report.experts, summary, labels=labels)
+    failure = save(lambda target: write_html(page, target), path, "--html", output)
+    if failure:
+        raise UserError(failure)
 
 
 def _compare_models(
@@ -149,7 +177,7 @@ def _compare_models(
     together: bool,
     scratch: Path | None,
     output: Output,
-) -> None:
+) -> Any:
     from moe_inspect.analysis.compare import Interrupted, check_same_tokenizer, precheck_same_moe
     from moe_inspect.analysis.compare_tokens import PerTokenWriter, check_target
     from moe_inspect.corpus import CorpusReader, check_files
@@ -201,6 +229,7 @@ def _compare_models(
         failures.append(save(report.write, out_dir, "--out", output))
     if any(failures):
         raise UserError(" ".join(f for f in failures if f))
+    return report
 
 
 def _run(
