@@ -145,7 +145,7 @@ class Inspector:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
             else:
-                self.model(input_ids=input_ids)
+                self.model(**self.loaded.forward_inputs(input_ids))
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)

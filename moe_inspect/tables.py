@@ -93,6 +93,7 @@ def route_frame(
                     "router": spec.kind,
                     "phase": np.asarray(phases, dtype=object)[position],
                     "expert_type": expert_type,
+                    "stack": spec.stack,
                     "_order": spec.index,
                 }
             )

@@ -1,0 +1,82 @@
+"""Tiny random vision-language and encoder-decoder MoE checkpoints (issue 17), saved like a user's checkpoint.
+
+The causal-LM families come from ``tiny_models``; these need their own builders: a Qwen3-VL-MoE with a tiny
+vision tower, and Switch Transformers / NLLB-MoE whose expert capacity is set so that a short batch overflows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tiny_models import EXPERTS, _randomize_routing, tiny_config, train_tiny_tokenizer
+from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
+
+SEQ2SEQ_TYPES = ("switch_transformers", "nllb-moe")
+SWITCH_CAPACITY = 3
+"""Switch's per-sequence expert capacity in the tiny checkpoint: a 12-token sequence over 8 experts can overflow."""
+NLLB_CAPACITY_FRACTION = 0.2
+"""NLLB-MoE's eval capacity = ceil(0.2 * tokens) per expert: a short batch overflows its busiest experts."""
+
+
+def vl_config() -> PretrainedConfig:
+    """Qwen3-VL-MoE with a 2-layer MoE language model (tiny_models' text config) and a 1-block vision tower."""
+    tokenizer = train_tiny_tokenizer()
+    vocab = len(tokenizer)
+    text = tiny_config("qwen3_vl_moe_text", rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True,
+    })
+    vision = {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": text.hidden_size,
+        "patch_size": 8, "temporal_patch_size": 2, "spatial_merge_size": 2, "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    }
+    return CONFIG_MAPPING["qwen3_vl_moe"](
+        text_config=text.to_dict(), vision_config=vision, image_token_id=vocab - 4, video_token_id=vocab - 3,
+        vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1,
+        architectures=["Qwen3VLMoeForConditionalGeneration"],
+    )
+
+
+def seq2seq_config(model_type: str) -> PretrainedConfig:
+    """Tiny Switch / NLLB-MoE: 2 encoder and 2 decoder blocks, MoE every second block, 8 experts."""
+    tokenizer = train_tiny_tokenizer()
+    common: dict[str, Any] = {
+        "vocab_size": len(tokenizer), "d_model": 64, "num_experts": EXPERTS, "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": tokenizer.pad_token_id,
+    }
+    if model_type == "switch_transformers":
+        return CONFIG_MAPPING[model_type](
+            **common, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1, expert_capacity=SWITCH_CAPACITY, architectures=[
+                "SwitchTransformersForConditionalGeneration"],
+        )
+    return CONFIG_MAPPING[model_type](
+        **common, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_sparse_step=2, decoder_sparse_step=2,
+        max_position_embeddings=128, moe_eval_capacity_token_fraction=NLLB_CAPACITY_FRACTION,
+        bos_token_id=tokenizer.bos_token_id, architectures=["NllbMoeForConditionalGeneration"],
+    )
+
+
+def build(model_type: str, seed: int = 0) -> PreTrainedModel:
+    """The tiny model of ``model_type`` (qwen3_vl_moe, switch_transformers or nllb-moe), routers randomized."""
+    import transformers
+
+    config = vl_config() if model_type == "qwen3_vl_moe" else seq2seq_config(model_type)
+    cls = getattr(transformers, config.architectures[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    _randomize_routing(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def save(model_type: str, path: Path, seed: int = 0) -> Path:
+    """Build and save model + tiny tokenizer to ``path``."""
+    model = build(model_type, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    train_tiny_tokenizer().save_pretrained(path)
+    return path
