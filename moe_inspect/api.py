@@ -129,12 +129,18 @@ class Inspector:
         temperature: float = 0.0,
         seed: int | None = None,
         layers: Iterable[int] | None = None,
+        target: str | None = None,
     ) -> pd.DataFrame:
         """Per-token routing of ``text`` (and of ``generate`` new tokens), schema ``schemas.ROUTE``.
 
-        ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``.
+        ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``. Encoder-decoders route ``text``
+        through the encoder and ``target`` (default: the decoder's start token) through the decoder.
         """
         selected = self._check_layers(layers) if layers is not None else None
+        if self.loaded.is_seq2seq:
+            return self._route_seq2seq(text, target, generate, seed, selected)
+        if target is not None:
+            raise UserError("A `target` is only for encoder-decoder models; this one is decoder-only.")
         encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
@@ -159,6 +165,18 @@ class Inspector:
             prompt_tokens=prompt_len,
             generated_text=self.tokenizer.decode(token_ids[prompt_len:]) if generate else "",
         )
+        return frame
+
+    def _route_seq2seq(
+        self, text: str, target: str | None, generate: int, seed: int | None, selected: set[int] | None
+    ) -> pd.DataFrame:
+        from moe_inspect.model.encoder_decoder import route_encoder_decoder
+
+        if generate:
+            raise UserError("Generating with an encoder-decoder model is not supported yet; give a `target` prefix.")
+        frame = route_encoder_decoder(self.loaded, text, target, seed)
+        if selected is not None:
+            frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         return frame
 
     def _generate(self, input_ids: torch.Tensor, new_tokens: int, temperature: float, seed: int | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from moe_inspect.metrics import Scoring
 # How the k chosen weights are normalised: by the module's norm_topk_prob ("config"), always, never, or as a
 # softmax over the chosen experts' logits (top-k first, then softmax).
 WeightNorm = Literal["config", "always", "never", "softmax_over_chosen"]
-Parser = Literal["tuple", "logits_only", "llama4", "jetmoe", "doge", "zaya"]
+Parser = Literal["tuple", "logits_only", "llama4", "jetmoe", "doge", "zaya", "switch", "nllb"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ ROUTER_PARSERS: dict[str, Parser] = {
     "JetMoeTopKGating": "jetmoe",
     "DogeCDMoE": "doge",
     "ZayaRouter": "zaya",
+    # Encoder-decoders whose routers apply expert capacity themselves and return dispatch masks (issue 17).
+    "SwitchTransformersTop1Router": "switch",
+    "NllbMoeTop2Router": "nllb",
 }
 
 FAMILIES: dict[str, FamilyFacts] = {
@@ -113,6 +116,14 @@ FAMILIES["jetmoe"] = FamilyFacts(skip_router_classes=("JetMoeAttention",), note=
 # PhiMoE's sparsemixer hard-codes two experts whatever num_experts_per_tok says.
 FAMILIES["phimoe"] = FamilyFacts(fixed_top_k=2, note="sparsemixer always picks 2 experts")
 
+# Encoder-decoders: the router drops assignments beyond each expert's capacity; route rows show them as dropped.
+FAMILIES["switch_transformers"] = FamilyFacts(
+    fixed_top_k=1, note="top-1; tokens past an expert's per-sequence capacity skip the experts (dropped)"
+)
+FAMILIES["nllb-moe"] = FamilyFacts(
+    fixed_top_k=2, note="top-2 with capacity over the whole batch; second expert per second_expert_policy"
+)
+
 # Weight normalisation, for families whose modules hold no norm_topk_prob (reference file, sections 1-2).
 _WEIGHT_NORMS: dict[WeightNorm, str] = {
     "always": "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 "
@@ -162,6 +173,34 @@ def null_expert_count(model_type: str, config: object) -> int:
 # MoE model types transformers registers that moe-inspect does not route yet, each with the one reason why
 # (tests/test_every_moe_type.py fails when a registered MoE type is neither routed nor listed here).
 REFUSED: dict[str, str] = {}
+
+
+def capacity_notes(config: object) -> list[str]:
+    """What a capacity-limited family's config makes its routers do, stated once when the model loads."""
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type == "switch_transformers":
+        return [
+            f"Switch routers keep at most {getattr(config, 'expert_capacity', '?')} tokens per expert per sequence "
+            "(expert_capacity); later tokens are dropped and skip the experts."
+        ]
+    if model_type != "nllb-moe":
+        return []
+    fraction = getattr(config, "moe_eval_capacity_token_fraction", 0) or 0
+    capacity = (
+        f"ceil({fraction:g} x the batch's tokens) per expert" if fraction > 0
+        else f"{getattr(config, 'expert_capacity', '?')} tokens per expert"
+    )
+    policy = getattr(config, "second_expert_policy", "all")
+    notes = [f"NLLB-MoE routers keep {capacity} (capacity over the whole batch); later assignments are dropped."]
+    policies = {
+        "all": "every token also goes to its second expert",
+        "sampling": "the second expert is chosen after adding Gumbel noise to the logits, so runs differ unless "
+        "seeded, and the logits shown include the noise",
+        "random": "the second expert is kept with probability 2 x its routing probability, so runs differ unless "
+        "seeded, and a second expert the policy skipped is reported as dropped",
+    }
+    notes.append(f"Second-expert policy '{policy}': {policies.get(policy, 'not known to moe-inspect')}.")
+    return notes
 
 
 def check_supported(config: object) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
-from moe_inspect.families import check_supported
+from moe_inspect.families import capacity_notes, check_supported
 from moe_inspect.options import DTYPE_NAMES, LoadOptions
 from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic, moe_block, router_linear_names
 from moe_inspect.source import (
@@ -285,6 +285,7 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
     part = routed_part(hf_model, loaded.routers, loaded.kind)
     if part:
         loaded.notes.append(part[0].upper() + part[1:] + ".")
+    loaded.notes += capacity_notes(config)
     if quantization:
         loaded.notes.append(quantization_report(hf_model, loaded.routers))
     return loaded

@@ -46,7 +46,7 @@ SHARED_COUNT_KEYS = (
 )
 _ATTENTION_RE = re.compile(r"(?:^|\.)(?:self_)?attention(?:\.|$)")
 _ENCODER_RE = re.compile(r"(?:^|\.)encoder(?:\.|$)")
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|h|layer)\.(\d+)(?:\.|$)")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|block|h|layer)\.(\d+)(?:\.|$)")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Model stage: loading checkpoints, finding routers, family facts and capture."""
