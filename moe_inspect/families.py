@@ -44,6 +44,8 @@ class FamilyFacts:
     # Families that ignore the configured k.
     fixed_top_k: int | None = None
     weight_norm: WeightNorm = "config"
+    # The router itself drops assignments beyond each expert's capacity (Switch, NLLB-MoE).
+    capacity_limited: bool = False
     note: str = ""
 
 
@@ -118,10 +120,12 @@ FAMILIES["phimoe"] = FamilyFacts(fixed_top_k=2, note="sparsemixer always picks 2
 
 # Encoder-decoders: the router drops assignments beyond each expert's capacity; route rows show them as dropped.
 FAMILIES["switch_transformers"] = FamilyFacts(
-    fixed_top_k=1, note="top-1; tokens past an expert's per-sequence capacity skip the experts (dropped)"
+    fixed_top_k=1, capacity_limited=True, weight_norm="never",
+    note="top-1; tokens past an expert's per-sequence capacity skip the experts (dropped)",
 )
 FAMILIES["nllb-moe"] = FamilyFacts(
-    fixed_top_k=2, note="top-2 with capacity over the whole batch; second expert per second_expert_policy"
+    fixed_top_k=2, capacity_limited=True, weight_norm="always",
+    note="top-2 with capacity over the whole batch; second expert per second_expert_policy",
 )
 
 # Weight normalisation, for families whose modules hold no norm_topk_prob (reference file, sections 1-2).
