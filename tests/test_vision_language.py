@@ -1,7 +1,8 @@
 """Vision-language MoE checkpoints (issue 17): loaded as what they are, text routed through the language model.
 
 A tiny Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``, which AutoModelForCausalLM refuses) is built from its
-config class with tiny text and vision sub-configs, saved, and loaded back through moe-inspect's own loader.
+config class with tiny text and vision sub-configs, saved, and loaded back through moe-inspect's own loader;
+MiniMax-M3-VL and Inkling's multimodal model likewise, with generic one-block towers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from experts_truth import experts_module
-from tiny_seq2seq_vl import save
+from tiny_seq2seq_vl import VL_TYPES, save
 from typer.testing import CliRunner
 
 from moe_inspect.capture import capture
@@ -34,6 +35,21 @@ def vl(vl_dir: Path):
     return moe_inspect.load(str(vl_dir), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def vl_family(tmp_path_factory: pytest.TempPathFactory, vl):
+    import moe_inspect
+
+    cache = {"qwen3_vl_moe": vl}
+
+    def get(model_type: str):
+        if model_type not in cache:
+            folder = save(model_type, tmp_path_factory.mktemp("vl") / model_type)
+            cache[model_type] = moe_inspect.load(str(folder), device="cpu")
+        return cache[model_type]
+
+    return get
+
+
 def test_kind_and_class_come_from_the_config(vl_dir: Path, vl) -> None:
     assert model_kind(load_config(str(vl_dir))) == IMAGE_TEXT
     assert type(vl.model).__name__ == "Qwen3VLMoeForConditionalGeneration"
@@ -46,8 +62,12 @@ def test_kind_and_class_come_from_the_config(vl_dir: Path, vl) -> None:
     ]
 
 
-def test_captured_experts_are_what_the_experts_received(vl) -> None:
+@pytest.mark.parametrize("model_type", VL_TYPES)
+def test_captured_experts_are_what_the_experts_received(model_type: str, vl_family) -> None:
+    vl = vl_family(model_type)
     loaded = vl.loaded
+    assert loaded.kind == IMAGE_TEXT
+    assert loaded.notes[0].startswith("Text prompts route through the language model (model.language_model)")
     received: dict[int, torch.Tensor] = {}
     weights: dict[int, torch.Tensor] = {}
     handles = []

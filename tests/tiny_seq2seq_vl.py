@@ -39,6 +39,33 @@ def vl_config() -> PretrainedConfig:
     )
 
 
+VL_TYPES = ("qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model")
+"""Vision-language MoE types routed by tests/test_vision_language.py."""
+
+_TINY_TOWER = {
+    "depth": 1, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+    "num_attention_heads": 2, "out_hidden_size": 64, "embed_dim": 32, "patch_size": 8, "spatial_merge_size": 2,
+    "num_layers": 1, "head_dim": 16, "num_key_value_heads": 2, "image_size": 32,
+}
+
+
+def generic_vl_config(model_type: str) -> PretrainedConfig:
+    """A VL config whose text sub-config is tiny_models' MoE text config and whose towers are 1 block of 32."""
+    from tiny_models import _config_fields
+
+    config_class = CONFIG_MAPPING[model_type]
+    kwargs: dict[str, Any] = {}
+    for name, sub in (getattr(config_class, "sub_configs", None) or {}).items():
+        if name == "text_config":
+            kwargs[name] = tiny_config(sub.model_type).to_dict()
+        else:
+            kwargs[name] = {k: v for k, v in _TINY_TOWER.items() if k in _config_fields(sub)}
+    from transformers.models.auto import modeling_auto
+
+    kwargs["architectures"] = [modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]
+    return config_class(**kwargs)
+
+
 def seq2seq_config(model_type: str) -> PretrainedConfig:
     """Tiny Switch / NLLB-MoE: 2 encoder and 2 decoder blocks, MoE every second block, 8 experts."""
     tokenizer = train_tiny_tokenizer()
@@ -64,7 +91,12 @@ def build(model_type: str, seed: int = 0) -> PreTrainedModel:
     """The tiny model of ``model_type`` (qwen3_vl_moe, switch_transformers or nllb-moe), routers randomized."""
     import transformers
 
-    config = vl_config() if model_type == "qwen3_vl_moe" else seq2seq_config(model_type)
+    if model_type == "qwen3_vl_moe":
+        config = vl_config()
+    elif model_type in VL_TYPES:
+        config = generic_vl_config(model_type)
+    else:
+        config = seq2seq_config(model_type)
     cls = getattr(transformers, config.architectures[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -80,3 +112,39 @@ def save(model_type: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     train_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+CHECKPOINT_MAPPINGS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+)
+
+
+def checkpoint_moe_types() -> dict[str, list[str]]:
+    """Every MoE model type a checkpoint can have in the installed transformers -> the kinds it loads as.
+
+    A type counts when its modeling module records ``router_logits`` and some generation class (causal LM,
+    image-text-to-text, seq2seq, multimodal LM) loads it; sub-model types (``x_vision``, ``x_text``) that no
+    generation class loads on their own are parts of those checkpoints, not checkpoints.
+    """
+    from pathlib import Path as _Path
+
+    import transformers
+    from tiny_models import _modeling_module, _records_router_logits
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    models_dir = _Path(transformers.__file__).parent / "models"
+    found: dict[str, list[str]] = {}
+    for name in CHECKPOINT_MAPPINGS:
+        for model_type in getattr(modeling_auto, name):
+            module_name = model_type_to_module_name(model_type)
+            source = models_dir / module_name / f"modeling_{module_name}.py"
+            if not source.is_file() or "router_logits" not in source.read_text(encoding="utf-8"):
+                continue
+            module = _modeling_module(model_type)
+            if module is not None and _records_router_logits(module):
+                found.setdefault(model_type, []).append(name.removeprefix("MODEL_FOR_").removesuffix("_MAPPING_NAMES"))
+    return found
