@@ -93,6 +93,8 @@ class Inspector:
         ``corpus_options`` are those of ``corpus`` (files, seq_len, batch_size, lines, max_tokens, pack): a
         list of texts is a list of documents; ``pack=True`` packs them into full windows.
         """
+        if self.loaded.is_seq2seq:
+            raise UserError("Corpus balance of encoder-decoder models is not supported yet; route sentences instead.")
         if reader is None:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()

@@ -168,3 +168,22 @@ def test_route_cli_with_target(folders, tmp_path: Path) -> None:
     assert list(dict.fromkeys(frame["stack"])) == ["encoder", "decoder"]
     assert set(frame["expert_type"]) == {"routed", "dropped"}
     assert (frame.loc[frame["expert_type"] == "dropped", "expert"] == -1).all()
+
+
+def test_balance_and_generate_are_refused_in_one_sentence(inspectors) -> None:
+    from moe_inspect.errors import UserError
+
+    insp = inspectors["switch_transformers"]
+    with pytest.raises(UserError, match=r"^Corpus balance of encoder-decoder models is not supported yet"):
+        insp.balance(["one line", "two lines"])
+    with pytest.raises(UserError, match=r"^Generating with an encoder-decoder model is not supported yet"):
+        insp.route(SOURCE, generate=2)
+    with pytest.raises(UserError, match="only for encoder-decoder"):
+        inspectors_decoder_only_target()
+
+
+def inspectors_decoder_only_target() -> None:
+    import moe_inspect
+    from moe_inspect.source import demo_model_path
+
+    moe_inspect.load(str(demo_model_path())).route("hi", target="there")
