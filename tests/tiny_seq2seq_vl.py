@@ -39,13 +39,17 @@ def vl_config() -> PretrainedConfig:
     )
 
 
-VL_TYPES = ("qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model")
+VL_TYPES = (
+    "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
+)
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
 _TINY_TOWER = {
     "depth": 1, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
     "num_attention_heads": 2, "out_hidden_size": 64, "embed_dim": 32, "patch_size": 8, "spatial_merge_size": 2,
     "num_layers": 1, "head_dim": 16, "num_key_value_heads": 2, "image_size": 32,
+    "encoder_layers": 1, "d_model": 32, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "output_dim": 64,
+    "downsample_hidden_size": 16,
 }
 
 
@@ -54,12 +58,15 @@ def generic_vl_config(model_type: str) -> PretrainedConfig:
     from tiny_models import _config_fields
 
     config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class()
     kwargs: dict[str, Any] = {}
-    for name, sub in (getattr(config_class, "sub_configs", None) or {}).items():
+    for name in getattr(config_class, "sub_configs", None) or {}:
+        sub = getattr(defaults, name)  # the default sub-config says which class an AutoConfig slot holds
         if name == "text_config":
             kwargs[name] = tiny_config(sub.model_type).to_dict()
         else:
-            kwargs[name] = {k: v for k, v in _TINY_TOWER.items() if k in _config_fields(sub)}
+            fields = _config_fields(type(sub))
+            kwargs[name] = {"model_type": sub.model_type, **{k: v for k, v in _TINY_TOWER.items() if k in fields}}
     from transformers.models.auto import modeling_auto
 
     kwargs["architectures"] = [modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]
