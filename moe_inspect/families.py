@@ -184,8 +184,7 @@ REFUSED: dict[str, str] = {
     **{
         name: _UNCHECKED_VL
         for name in """
-            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm4v_moe glm5_next hy_v4_vl inkling2 inkling2_loop
-            mistral4 muse_spark step3p7 unlimited_ocr
+            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm5_next mistral4 muse_spark step3p7 unlimited_ocr
         """.split()
     },
     "qwen3_omni_moe": "its checkpoint class also builds the speech talker and code-to-wave models, which moe-inspect "

@@ -36,7 +36,7 @@ def test_discovery_sees_all_kinds() -> None:
     kinds = {kind for found in TYPES.values() for kind in found}
     assert {"CAUSAL_LM", "IMAGE_TEXT_TO_TEXT", "SEQ_TO_SEQ_CAUSAL_LM"} <= kinds
     assert len(TYPES) >= 70, len(TYPES)
-    for name in ("mixtral", "qwen3_vl_moe", "switch_transformers", "nllb-moe", "llama4", "glm4v_moe"):
+    for name in ("mixtral", "qwen3_vl_moe", "switch_transformers", "nllb-moe", "llama4", "ernie4_5_vl_moe"):
         assert name in TYPES
 
 
@@ -58,12 +58,12 @@ def test_loader_refuses_in_one_sentence(tmp_path: Path) -> None:
 
     import moe_inspect
 
-    CONFIG_MAPPING["glm4v_moe"]().save_pretrained(tmp_path)  # a config alone: refused before any weight is read
+    CONFIG_MAPPING["ernie4_5_vl_moe"]().save_pretrained(tmp_path)  # a config alone: refused before any weight is read
     train_tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(UserError) as caught:
         moe_inspect.load(str(tmp_path))
     message = str(caught.value)
-    assert message == f"moe-inspect cannot route 'glm4v_moe' checkpoints yet: {REFUSED['glm4v_moe']}."
+    assert message == f"moe-inspect cannot route 'ernie4_5_vl_moe' checkpoints yet: {REFUSED['ernie4_5_vl_moe']}."
     result = CliRunner().invoke(app, ["route", "hi", "-m", str(tmp_path)])
     assert result.exit_code == 2
-    assert "cannot route 'glm4v_moe'" in result.output and "Traceback" not in result.output
+    assert "cannot route 'ernie4_5_vl_moe'" in result.output and "Traceback" not in result.output

@@ -41,6 +41,7 @@ def vl_config() -> PretrainedConfig:
 
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
+    "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -50,6 +51,18 @@ _TINY_TOWER = {
     "num_layers": 1, "head_dim": 16, "num_key_value_heads": 2, "image_size": 32,
     "encoder_layers": 1, "d_model": 32, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "output_dim": 64,
     "downsample_hidden_size": 16,
+}
+
+
+_MROPE_4 = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+# Per-family fixes to the generic tiny configs: multimodal RoPE sections must fit the tiny rotary dims, and towers
+# that project into the language model must name its hidden size.
+_VL_TEXT: dict[str, dict[str, Any]] = {
+    "glm4v_moe": {"rope_parameters": {**_MROPE_4, "partial_rotary_factor": 0.5}},
+    "hy_v4_vl": {"rope_parameters": _MROPE_4},
+}
+_VL_TOWERS: dict[str, dict[str, Any]] = {
+    "inkling2": {"text_hidden_size": 64}, "inkling2_loop": {"text_hidden_size": 64},
 }
 
 
@@ -63,10 +76,11 @@ def generic_vl_config(model_type: str) -> PretrainedConfig:
     for name in getattr(config_class, "sub_configs", None) or {}:
         sub = getattr(defaults, name)  # the default sub-config says which class an AutoConfig slot holds
         if name == "text_config":
-            kwargs[name] = tiny_config(sub.model_type).to_dict()
+            kwargs[name] = tiny_config(sub.model_type, **_VL_TEXT.get(model_type, {})).to_dict()
         else:
             fields = _config_fields(type(sub))
-            kwargs[name] = {"model_type": sub.model_type, **{k: v for k, v in _TINY_TOWER.items() if k in fields}}
+            tower = {**_TINY_TOWER, **_VL_TOWERS.get(model_type, {})}
+            kwargs[name] = {"model_type": sub.model_type, **{k: v for k, v in tower.items() if k in fields}}
     from transformers.models.auto import modeling_auto
 
     kwargs["architectures"] = [modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]
