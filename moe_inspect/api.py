@@ -21,7 +21,7 @@ from moe_inspect.errors import UserError
 from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
 from moe_inspect.options import LoadOptions
-from moe_inspect.source import check_prompt_length, check_seq_len, positions_limit
+from moe_inspect.source import IMAGE_TEXT, check_prompt_length, check_seq_len, positions_limit
 from moe_inspect.tables import route_frame, routers_frame
 from moe_inspect.tokens import token_bytes
 from moe_inspect.units import layer_ranges
@@ -202,9 +202,9 @@ class Inspector:
             # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
             new_name = "cache" in getattr(out, "__dataclass_fields__", {})
             cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
-            self.model(
-                input_ids=sequence[:, -1:], attention_mask=torch.ones_like(sequence), use_cache=True, **cache
-            )
+            # Multimodal models derive 3-D RoPE positions from the mask; one unpadded sequence needs none.
+            mask = {} if self.loaded.kind == IMAGE_TEXT else {"attention_mask": torch.ones_like(sequence)}
+            self.model(input_ids=sequence[:, -1:], use_cache=True, **mask, **cache)
         return sequence[0]
 
 

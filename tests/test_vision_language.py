@@ -106,3 +106,10 @@ def test_route_cli_says_which_part_is_routed(vl_dir: Path, tmp_path: Path) -> No
     assert "qwen3_vl_moe: 3 routers" in result.output
     frame = pd.read_csv(csv)
     assert sorted(frame["layer"].unique()) == [0, 1, 2]
+
+
+def test_generation_routes_through_the_language_model(vl) -> None:
+    frame = vl.route(TEXT, generate=3)
+    decode = frame[frame["phase"] == "decode"]
+    assert decode["position"].nunique() == 3
+    assert len(decode) == 3 * len(vl.loaded.routers) * 2  # 3 new tokens x 3 routers x top-2
