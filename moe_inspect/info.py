@@ -436,6 +436,11 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         )
         notes += capacity_notes(config)
 
+    for path, count in _towers(model).items():
+        notes.append(
+            f"{path} has {count:,} parameters, counted in the total and in active; a text-only token does not use "
+            f"them, so text tokens use {active - count:,}."
+        )
     mtp = int_attr(text_config(config), _MTP_ATTRS)
     if mtp:
         notes.append(
@@ -478,6 +483,18 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         notes=notes,
         stacks=stacks,
     )
+
+
+def _towers(model: nn.Module) -> dict[str, int]:
+    """Vision and audio towers of a multimodal model (``model.visual``, ``model.audio_tower``) -> parameters."""
+    found: dict[str, int] = {}
+    for owner, prefix in ((model, ""), (getattr(model, "model", None), "model.")):
+        if not isinstance(owner, nn.Module):
+            continue
+        for name, child in owner.named_children():
+            if any(word in name for word in ("visual", "vision", "audio")):
+                found[prefix + name] = sum(p.numel() for p in child.parameters())
+    return found
 
 
 def _layer_table(infos: list[RouterInfo], num_layers: int, stack: str) -> tuple[list[int], list[LayerInfo]]:

@@ -113,3 +113,15 @@ def test_generation_routes_through_the_language_model(vl) -> None:
     decode = frame[frame["phase"] == "decode"]
     assert decode["position"].nunique() == 3
     assert len(decode) == 3 * len(vl.loaded.routers) * 2  # 3 new tokens x 3 routers x top-2
+
+
+def test_info_counts_the_towers_apart(vl) -> None:
+    from tiny_seq2seq_vl import vl_config
+
+    from moe_inspect.info import describe
+
+    info = describe(vl_config())
+    visual = sum(p.numel() for p in vl.model.model.visual.parameters())
+    assert info.total_params == sum(p.numel() for p in vl.model.parameters())
+    assert f"model.visual has {visual:,} parameters" in " ".join(info.notes)
+    assert f"text tokens use {info.active_params - visual:,}." in " ".join(info.notes)

@@ -84,7 +84,7 @@ def render_route(frame: pd.DataFrame, console: Console) -> None:
     if frame.empty:
         console.print("No routing rows to show (no router matched the selected layers).")
         return
-    stacks = list(dict.fromkeys(frame["stack"]))
+    stacks = list(dict.fromkeys(frame["stack"])) if "stack" in frame else []
     if len(stacks) > 1:  # encoder-decoder: each stack has its own positions and layers
         for stack in stacks:
             console.print(f"[bold]{stack}[/bold]")
