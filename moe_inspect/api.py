@@ -26,7 +26,14 @@ from moe_inspect.loading import LoadedModel
 from moe_inspect.loading import load as load_model
 from moe_inspect.model.quantize import no_grad_context
 from moe_inspect.options import LoadOptions
-from moe_inspect.source import check_prompt_length, check_seq_len, load_tokenizer, positions_limit, resolve_model
+from moe_inspect.source import (
+    IMAGE_TEXT,
+    check_prompt_length,
+    check_seq_len,
+    load_tokenizer,
+    positions_limit,
+    resolve_model,
+)
 from moe_inspect.tables import route_frame, routers_frame
 from moe_inspect.tokens import token_bytes
 from moe_inspect.units import layer_ranges
@@ -110,6 +117,8 @@ class Inspector:
         ``by_file`` measures each text/file on its own (``max_tokens`` then caps each) and adds a ``source``
         column to ``layers`` and ``experts``: one block per file, then ``all``.
         """
+        if self.loaded.is_seq2seq:
+            raise UserError("Corpus balance of encoder-decoder models is not supported yet; route sentences instead.")
         if top_tokens < 0 or min_count < 1:
             raise UserError("`top_tokens` must be at least 0 and `min_count` at least 1.")
         if top_tokens and top_token_layers is not None:
@@ -243,12 +252,18 @@ class Inspector:
         temperature: float = 0.0,
         seed: int | None = None,
         layers: Iterable[int] | None = None,
+        target: str | None = None,
     ) -> pd.DataFrame:
         """Per-token routing of ``text`` (and of ``generate`` new tokens), schema ``schemas.ROUTE``.
 
-        ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``.
+        ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``. Encoder-decoders route ``text``
+        through the encoder and ``target`` (default: the decoder's start token) through the decoder.
         """
         selected = self._check_layers(layers) if layers is not None else None
+        if self.loaded.is_seq2seq:
+            return self._route_seq2seq(text, target, generate, seed, selected)
+        if target is not None:
+            raise UserError("A `target` is only for encoder-decoder models; this one is decoder-only.")
         encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
@@ -259,7 +274,10 @@ class Inspector:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
             else:
-                routing_forward(self.loaded, input_ids)
+                if self.loaded.kind == IMAGE_TEXT:  # the whole multimodal forward, text tokens only
+                    self.model(**self.loaded.forward_inputs(input_ids))
+                else:
+                    routing_forward(self.loaded, input_ids)
                 ids = input_ids[0]
         token_ids = ids.tolist()
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
@@ -273,6 +291,18 @@ class Inspector:
             prompt_tokens=prompt_len,
             generated_text=self.tokenizer.decode(token_ids[prompt_len:]) if generate else "",
         )
+        return frame
+
+    def _route_seq2seq(
+        self, text: str, target: str | None, generate: int, seed: int | None, selected: set[int] | None
+    ) -> pd.DataFrame:
+        from moe_inspect.model.encoder_decoder import route_encoder_decoder
+
+        if generate:
+            raise UserError("Generating with an encoder-decoder model is not supported yet; give a `target` prefix.")
+        frame = route_encoder_decoder(self.loaded, text, target, seed)
+        if selected is not None:
+            frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         return frame
 
     def _generate(self, input_ids: torch.Tensor, new_tokens: int, temperature: float, seed: int | None) -> torch.Tensor:
@@ -300,7 +330,11 @@ class Inspector:
             # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
             new_name = "cache" in getattr(out, "__dataclass_fields__", {})
             cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
-            routing_forward(self.loaded, sequence[:, -1:], torch.ones_like(sequence), use_cache=True, **cache)
+            if self.loaded.kind == IMAGE_TEXT:
+                # Multimodal models derive 3-D RoPE positions from the mask; one unpadded sequence needs none.
+                self.model(input_ids=sequence[:, -1:], use_cache=True, **cache)
+            else:
+                routing_forward(self.loaded, sequence[:, -1:], torch.ones_like(sequence), use_cache=True, **cache)
         return sequence[0]
 
 

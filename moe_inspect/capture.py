@@ -28,6 +28,8 @@ class RouterOutput:
     experts: torch.Tensor  # (T, k) int64; ids >= E are null experts (LongCat zero, Zaya skip)
     weights: torch.Tensor  # (T, k) float32 combine weights as the experts received them
     hash_selected: bool = False
+    # (T, k) True where the router chose the expert but dropped the assignment (over capacity: Switch, NLLB-MoE)
+    dropped: torch.Tensor | None = None
 
     def probabilities(self, spec: RouterSpec) -> torch.Tensor:
         """The family's own routing distribution (T, C), float32."""
@@ -69,6 +71,38 @@ def _doge(logits: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, torch.
     return all_indices.gather(-1, position), weights.float()
 
 
+def _switch(out: tuple[Any, ...]) -> RouterOutput:
+    """Switch's (dispatch mask after capacity (B, S, E), max probability (B, S, 1), logits (B, S, E)).
+
+    A kept token's expert is its mask's one; a dropped token's is the argmax the router took (of its logits).
+    """
+    mask, probs, logits = out
+    num_experts = logits.shape[-1]
+    mask = mask.reshape(-1, num_experts)
+    logits = logits.reshape(-1, num_experts).float()
+    kept = mask.sum(-1) > 0
+    experts = torch.where(kept, mask.argmax(-1), logits.argmax(-1)).unsqueeze(-1)
+    return RouterOutput(logits, experts, probs.reshape(-1, 1).float(), dropped=~kept.unsqueeze(-1))
+
+
+def _nllb(out: tuple[Any, ...]) -> RouterOutput:
+    """NLLB-MoE's (top-1 mask after capacity (T, E), combine weights (T, E), logits (T, E)).
+
+    The second expert is the best logit besides the first, as the router picks it (after its Gumbel noise under
+    the 'sampling' policy, which it adds to the returned logits in place); the combine weights of both are what
+    the experts receive, zero where the assignment was dropped.
+    """
+    top1_mask, gates, logits = out
+    logits = logits.float()
+    kept1 = top1_mask.sum(-1) > 0
+    first = torch.where(kept1, top1_mask.argmax(-1), logits.argmax(-1))
+    others = logits.scatter(-1, first.unsqueeze(-1), float("-inf"))
+    experts = torch.stack([first, others.argmax(-1)], dim=-1)
+    weights = gates.float().gather(-1, experts)
+    dropped = torch.stack([~kept1, weights[:, 1] == 0], dim=-1)
+    return RouterOutput(logits, experts, weights, dropped=dropped)
+
+
 def parse_output(spec: RouterSpec, out: Any) -> RouterOutput | None:
     """Turn a router's forward output into a RouterOutput; None when selection arrives later (DBRX).
 
@@ -101,6 +135,10 @@ def parse_output(spec: RouterSpec, out: Any) -> RouterOutput | None:
         # The router rewrites a chosen skip expert to id 0 with weight 0; softmax weights are never 0.
         experts = torch.where(weights == 0, spec.num_experts, out[2].long())
         return RouterOutput(logits=out[0].float(), experts=experts, weights=weights)
+    if parser == "switch":
+        return _switch(out)
+    if parser == "nllb":
+        return _nllb(out)
     raise ValueError(f"unknown router parser {parser!r}")
 
 

@@ -21,8 +21,9 @@ Counting rules (why each one, since publishers count differently):
   one row per token; with tied embeddings the same matrix is the LM head, so nothing is subtracted.
 * "active non-embedding" subtracts the input embedding and the LM head, tied or not (counted once when
   tied): Kaplan et al.'s N, the convention of publishers such as IBM (Granite 3.0 3B-A800M is "800M active").
-* Encoder-decoder models (SwitchTransformers, NLLB-MoE) are refused: their routers and counts follow other
-  rules, and a figure that could not be computed is never printed.
+* Encoder-decoder models (Switch Transformers, NLLB-MoE): the same rules over both stacks, so "active" is what
+  one source token and one target token use together (each stack's own figures are in ``stacks``); layers are
+  listed per stack, and the capacity each router applies is stated in the notes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
-from moe_inspect.families import facts_for
+from moe_inspect.families import capacity_notes, facts_for
 from moe_inspect.model.footprint import predicted_footprints
 from moe_inspect.routers import (
     EXPERT_COUNT_ATTRS,
@@ -54,7 +55,7 @@ from moe_inspect.source import first_line, load_config, text_config
 # Bytes per parameter for weight-memory estimates (weights only: no scales, KV cache or activations).
 BYTES_PER_PARAM: dict[str, float] = {"fp32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
-_LAYER_STACK_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|blocks|h|layer))\.\d+(?:\.|$)")
+_LAYER_STACK_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|blocks|block|h|layer))\.\d+(?:\.|$)")
 _GROUP_ATTRS = ("num_group", "n_group", "num_expert_group")
 _SCALE_ATTRS = (
     "routed_scaling_factor",
@@ -85,6 +86,22 @@ class RouterInfo:
     top_k: int
     shared_experts: int
     routed_expert_params: int
+    stack: str = "decoder"
+
+
+@dataclass
+class StackInfo:
+    """One stack of an encoder-decoder: its MoE and dense blocks and its own parameter figures."""
+
+    stack: str  # "encoder" or "decoder"
+    num_layers: int
+    moe_layers: list[int]
+    dense_layers: list[int]
+    num_experts: int | list[int]
+    top_k: int | list[int]
+    total_params: int
+    routed_expert_params: int
+    active_params: int
 
 
 @dataclass
@@ -97,6 +114,7 @@ class LayerInfo:
     top_k: int
     shared_experts: int
     routed_expert_params: int
+    stack: str = "decoder"
 
 
 @dataclass
@@ -130,10 +148,12 @@ class ModelInfo:
     notes: list[str] = field(default_factory=list)
     # bytes in memory per loading mode (bf16, 8bit, 4bit-nf4, 4bit-nf4-dq, float8), scales included
     load_footprint: dict[str, int] = field(default_factory=dict)
+    # Encoder-decoders only: one entry per stack; num_layers, moe_layers and dense_layers then describe the decoder.
+    stacks: list[StackInfo] = field(default_factory=list)
 
     @property
     def is_moe(self) -> bool:
-        return bool(self.moe_layers)
+        return bool(self.moe_layers) or any(s.moe_layers for s in self.stacks)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data; byte counts are ints (int4 rounds up half bytes)."""
@@ -149,6 +169,11 @@ def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
     model_type = getattr(config, "model_type", "unknown")
+    if getattr(config, "is_encoder_decoder", False):  # seq2seq: the class that loads it (NLLB-MoE has no auto class)
+        from moe_inspect.source import skeleton_model
+
+        with torch.device("meta"):
+            return skeleton_model(config, trust_remote_code)
     last: Exception = ValueError("no model class")
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel):
         try:
@@ -213,6 +238,8 @@ def _routed_params(model: nn.Module, spec: RouterSpec) -> list[nn.Parameter]:
 
 def _num_layers(model: nn.Module, config: Any, routers: list[RouterSpec]) -> int:
     """Length of the decoder stack the routers sit in; the config's count when there is no router."""
+    if routers and routers[0].stack == "encoder":
+        return _num_layers(model, config, [r for r in routers if r.stack == "decoder"])
     if routers:
         match = _LAYER_STACK_RE.match(routers[0].path)
         if match:
@@ -329,12 +356,14 @@ def routing_rule(model: nn.Module, config: Any, routers: list[RouterSpec]) -> st
         parts.append(f"{nulls} {spec.null_label} expert column{'s' if nulls > 1 else ''} after the routed ones")
     if any(r.kind == "attention" for r in routers):
         parts.append("a second router per layer chooses attention experts (mixture of attention)")
-    if facts.fixed_top_k:
+    if facts.capacity_limited:
+        parts.append("assignments beyond an expert's capacity are dropped inside the router (the token skips it)")
+    elif facts.fixed_top_k:
         parts.append(f"{model_type} always picks {facts.fixed_top_k} experts whatever the config says")
     sentence = "; ".join(parts) + "."
     # Notes that only repeat what the sentence already says (probabilities, MoA, fixed k) are left out.
     repeated = spec.scoring in ("probabilities", "product_key") or any(r.kind == "attention" for r in routers)
-    if facts.note and not repeated and not facts.fixed_top_k:
+    if facts.note and not repeated and not facts.fixed_top_k and not facts.capacity_limited:
         sentence += f" Note: {facts.note}."
     return sentence[0].upper() + sentence[1:]
 
@@ -349,11 +378,6 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
     else:
         config = config_or_model
     model_type = str(getattr(config, "model_type", "unknown"))
-    if getattr(config, "is_encoder_decoder", False):
-        raise UserError(
-            f"'{model_type}' is an encoder-decoder model; moe-inspect counts decoder-only language models only, "
-            "so it cannot give this model's figures."
-        )
     if not isinstance(config_or_model, nn.Module):
         model = build_meta_model(config, trust_remote_code=trust_remote_code)
     notes: list[str] = []
@@ -383,7 +407,9 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         if spec.num_experts > 0:
             inactive += routed * (1 - min(spec.top_k, spec.num_experts) / spec.num_experts)
         router_infos.append(
-            RouterInfo(spec.layer, spec.kind, spec.path, spec.num_experts, spec.top_k, spec.shared_experts, routed)
+            RouterInfo(
+                spec.layer, spec.kind, spec.path, spec.num_experts, spec.top_k, spec.shared_experts, routed, spec.stack
+            )
         )
     if routers and routed_total == 0:
         notes.append("No routed-expert parameters were found beside the routers, so active equals total.")
@@ -397,24 +423,27 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         )
 
     num_layers = _num_layers(model, config, routers)
-    by_layer: dict[int, list[RouterInfo]] = {}
-    for info in router_infos:
-        by_layer.setdefault(info.layer, []).append(info)
-    moe_layers = sorted(layer for layer in by_layer if layer >= 0)
-    layers: list[LayerInfo] = []
-    for layer in range(num_layers):
-        infos = by_layer.get(layer)
-        if not infos:
-            layers.append(LayerInfo(layer, "dense", 0, 0, 0, 0))
-            continue
-        main = next((i for i in infos if i.kind == "mlp"), infos[0])
-        layers.append(
-            LayerInfo(layer, "moe", main.experts, main.top_k, main.shared_experts,
-                      sum(i.routed_expert_params for i in infos))
-        )
+    moe_layers, layers = _layer_table([i for i in router_infos if i.stack == "decoder"], num_layers, "decoder")
     dense_layers = [entry.layer for entry in layers if entry.kind == "dense"]
     moe_entries = [entry for entry in layers if entry.kind == "moe"]
+    stacks: list[StackInfo] = []
+    if getattr(config, "is_encoder_decoder", False):
+        stacks = _stacks(model, routers, router_infos)
+        encoder = next(s for s in stacks if s.stack == "encoder")
+        _, encoder_layers = _layer_table(
+            [i for i in router_infos if i.stack == "encoder"], encoder.num_layers, "encoder"
+        )
+        layers = encoder_layers + layers
+        notes.append(
+            "Active counts both stacks: what one source token (encoder) and one target token (decoder) use together."
+        )
+        notes += capacity_notes(config)
 
+    for path, count in _towers(model).items():
+        notes.append(
+            f"{path} has {count:,} parameters, counted in the total and in active; a text-only token does not use "
+            f"them, so text tokens use {active - count:,}."
+        )
     mtp = int_attr(text_config(config), _MTP_ATTRS)
     if mtp:
         notes.append(
@@ -456,4 +485,60 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         heuristic=any(r.heuristic for r in routers),
         notes=notes,
         load_footprint=predicted_footprints(model, routers),
+        stacks=stacks,
     )
+
+
+def _towers(model: nn.Module) -> dict[str, int]:
+    """Vision and audio towers of a multimodal model (``model.visual``, ``model.audio_tower``) -> parameters."""
+    found: dict[str, int] = {}
+    for owner, prefix in ((model, ""), (getattr(model, "model", None), "model.")):
+        if not isinstance(owner, nn.Module):
+            continue
+        for name, child in owner.named_children():
+            if any(word in name for word in ("visual", "vision", "audio")):
+                found[prefix + name] = sum(p.numel() for p in child.parameters())
+    return found
+
+
+def _layer_table(infos: list[RouterInfo], num_layers: int, stack: str) -> tuple[list[int], list[LayerInfo]]:
+    """(MoE layer indices, one LayerInfo per block) of one stack."""
+    by_layer: dict[int, list[RouterInfo]] = {}
+    for info in infos:
+        by_layer.setdefault(info.layer, []).append(info)
+    layers: list[LayerInfo] = []
+    for layer in range(num_layers):
+        found = by_layer.get(layer)
+        if not found:
+            layers.append(LayerInfo(layer, "dense", 0, 0, 0, 0, stack))
+            continue
+        main = next((i for i in found if i.kind == "mlp"), found[0])
+        layers.append(
+            LayerInfo(layer, "moe", main.experts, main.top_k, main.shared_experts,
+                      sum(i.routed_expert_params for i in found), stack)
+        )
+    return sorted(layer for layer in by_layer if layer >= 0), layers
+
+
+def _stacks(model: nn.Module, routers: list[RouterSpec], infos: list[RouterInfo]) -> list[StackInfo]:
+    """Per-stack figures of an encoder-decoder: each stack module's parameters, and its routers' experts."""
+    stacks: list[StackInfo] = []
+    for name in ("encoder", "decoder"):
+        specs = [r for r in routers if r.stack == name]
+        mine = [i for i in infos if i.stack == name]
+        module = model.get_encoder() if name == "encoder" else model.get_decoder()
+        match = _LAYER_STACK_RE.match(specs[0].path) if specs else None
+        blocks = model.get_submodule(match.group(1)) if match else None
+        count = len(blocks) if isinstance(blocks, nn.ModuleList) else max((r.layer for r in specs), default=-1) + 1
+        moe, table = _layer_table(mine, count, name)
+        total = sum(p.numel() for p in module.parameters())
+        routed = sum(i.routed_expert_params for i in mine)
+        inactive = sum(i.routed_expert_params * (1 - min(i.top_k, i.experts) / i.experts) for i in mine if i.experts)
+        stacks.append(
+            StackInfo(
+                name, count, moe, [e.layer for e in table if e.kind == "dense"],
+                _uniform([i.experts for i in mine]), _uniform([i.top_k for i in mine]), total, routed,
+                round(total - inactive),
+            )
+        )
+    return stacks

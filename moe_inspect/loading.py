@@ -15,12 +15,23 @@ from torch import nn
 
 from moe_inspect.capture import capture
 from moe_inspect.errors import NotMoEError, UserError
+from moe_inspect.families import capacity_notes, check_supported
 from moe_inspect.model.footprint import measure_footprint, quantization_report
 from moe_inspect.model.prequantized import checkpoint_quantization, prequantized_note
 from moe_inspect.model.quantize import QuantOptions, no_grad_context, quantization_config, quantized_forward_error
 from moe_inspect.options import DTYPE_NAMES, LoadOptions
 from moe_inspect.routers import RouterSpec, find_routers, find_routers_heuristic
-from moe_inspect.source import check_source, load_tokenizer, loader_error, resolve_model
+from moe_inspect.source import (
+    IMAGE_TEXT,
+    SEQ2SEQ,
+    check_source,
+    load_config,
+    load_tokenizer,
+    loader_error,
+    model_class,
+    model_kind,
+    resolve_model,
+)
 
 DTYPES: dict[str, torch.dtype | str] = {name: name if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -39,6 +50,19 @@ class LoadedModel:
     quantization: str | None = None
     is_default: bool = False
     notes: list[str] = field(default_factory=list)
+    kind: str = "causal-lm"  # source.model_kind: causal-lm, image-text-to-text or seq2seq
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.kind == SEQ2SEQ
+
+    def forward_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model inputs for routing ``input_ids``: an encoder-decoder also needs its decoder's start token."""
+        if not self.is_seq2seq:
+            return {"input_ids": input_ids}
+        start = decoder_start_id(self.model.config)
+        decoder = torch.full((input_ids.shape[0], 1), start, dtype=input_ids.dtype, device=input_ids.device)
+        return {"input_ids": input_ids, "decoder_input_ids": decoder}
 
     @property
     def input_device(self) -> torch.device:
@@ -53,6 +77,31 @@ class LoadedModel:
     def footprint_bytes(self) -> int:
         """Bytes really held by parameters, buffers and quantization scales, as loaded."""
         return measure_footprint(self.model, self.routers).total
+
+
+def decoder_start_id(config: Any) -> int:
+    """The token an encoder-decoder's decoder starts from (T5-style models start from the pad token)."""
+    for name in ("decoder_start_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def routed_part(model: nn.Module, routers: list[RouterSpec], kind: str) -> str | None:
+    """Which part of a multimodal or encoder-decoder checkpoint the routers sit in, for the status line."""
+    if kind == SEQ2SEQ:
+        stacks = [stack for stack in ("encoder", "decoder") if any(spec.stack == stack for spec in routers)]
+        return f"routing the {' and '.join(stacks)} stack{'s' if len(stacks) > 1 else ''}"
+    if kind != IMAGE_TEXT:
+        return None
+    prefixes = sorted({spec.path.split(".layers.")[0] for spec in routers})
+    towers = [name for name, _ in model.named_children()] + [
+        f"model.{name}" for name, _ in getattr(model, "model", nn.Module()).named_children()
+    ]
+    others = [t for t in towers if any(w in t for w in ("visual", "vision", "audio")) and t not in prefixes]
+    loaded = f"; {', '.join(others)} loaded for image inputs, not run on text prompts" if others else ""
+    return f"text prompts route through the language model ({', '.join(prefixes)}){loaded}"
 
 
 def resolve_device(device: str) -> str:
@@ -70,15 +119,20 @@ def resolve_device(device: str) -> str:
     raise UserError(f"The `device` must be auto, cpu, cuda or cuda:N, not '{device}'.")
 
 
-def probe_routers(model: nn.Module, routers: list[RouterSpec], input_device: torch.device) -> None:
+def probe_routers(
+    model: nn.Module,
+    routers: list[RouterSpec],
+    input_device: torch.device,
+    inputs: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Run one short forward and take E and k from what each router actually returned.
 
     Config keys lie in places (PhiMoE ignores num_experts_per_tok; HunYuan has per-layer lists), the
     router's own output does not.
     """
-    ids = torch.tensor([[1, 2]], device=input_device)
+    inputs = inputs or {"input_ids": torch.tensor([[1, 2]], device=input_device)}
     with no_grad_context(model), capture(routers) as cap:
-        model(input_ids=ids)
+        model(**inputs)
     for spec, calls in zip(routers, cap.calls, strict=True):
         if not calls:
             continue
@@ -89,9 +143,11 @@ def probe_routers(model: nn.Module, routers: list[RouterSpec], input_device: tor
 
 
 def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
-    """Load model + tokenizer + routers; every user-caused failure is a UserError with one sentence."""
-    from transformers import AutoModelForCausalLM
+    """Load model + tokenizer + routers; every user-caused failure is a UserError with one sentence.
 
+    The class is chosen by what the checkpoint is (``source.model_class``): causal LM, vision-language or
+    encoder-decoder; the whole checkpoint loads, and text prompts run through its language model.
+    """
     model_id, is_default = resolve_model(options.model)
     if options.dtype not in DTYPES:
         raise UserError(f"The `dtype` must be one of {', '.join(DTYPES)}, not '{options.dtype}'.")
@@ -115,8 +171,10 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         kwargs["device_map"] = options.device_map
     elif resolved_device != "cpu" or quantization:
         kwargs["device_map"] = {"": resolved_device}
+    config = load_config(model_id, options.revision, options.trust_remote_code)
+    check_supported(config)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+        hf_model = model_class(config).from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as exc:  # SafetensorError: corrupt weights
         raise loader_error(model_id, exc) from exc
     if tokenizer is None:
@@ -133,12 +191,18 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         device=options.device_map or resolved_device,
         quantization=quantization,
         is_default=is_default,
+        kind=model_kind(config),
     )
     loaded.routers = _routers_for(hf_model, loaded.input_device, options.trust_remote_code)
+    probe = loaded.forward_inputs(torch.tensor([[1, 2]], device=loaded.input_device))
     try:
-        probe_routers(hf_model, loaded.routers, loaded.input_device)
+        probe_routers(hf_model, loaded.routers, loaded.input_device, probe)
     except RuntimeError as exc:
         raise quantized_forward_error(quant, exc) from exc
+    part = routed_part(hf_model, loaded.routers, loaded.kind)
+    if part:
+        loaded.notes.append(part[0].upper() + part[1:] + ".")
+    loaded.notes += capacity_notes(config)
     if quantization:
         loaded.notes.append(quantization_report(hf_model, loaded.routers, quantization))
     if prequantized:

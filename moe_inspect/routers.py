@@ -45,7 +45,8 @@ SHARED_COUNT_KEYS = (
     "shared_expert_count",
 )
 _ATTENTION_RE = re.compile(r"(?:^|\.)(?:self_)?attention(?:\.|$)")
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|h|layer)\.(\d+)(?:\.|$)")
+_ENCODER_RE = re.compile(r"(?:^|\.)encoder(?:\.|$)")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|block|h|layer)\.(\d+)(?:\.|$)")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RouterSpec:
     selection: str  # "top-k", "bias-corrected", "hash", "product-key"
     shared_experts: int
     heuristic: bool = False
+    stack: str = "decoder"  # "encoder" for the encoder of an encoder-decoder (Switch, NLLB-MoE)
     module: nn.Module = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     selection_module: nn.Module | None = field(default=None, repr=False, compare=False)
 
@@ -96,6 +98,7 @@ class RouterSpec:
             "scoring": self.scoring,
             "selection": self.selection,
             "heuristic": self.heuristic,
+            "stack": self.stack,
         }
 
 
@@ -175,6 +178,11 @@ def _matches(module: nn.Module, path: str, target: _Target) -> bool:
     if not hit:
         return False
     return target.layer_name is None or f".{target.layer_name.strip('.')}." in f".{path}."
+
+
+def stack_of(path: str) -> str:
+    """'encoder' for routers inside an encoder-decoder's encoder, else 'decoder' (every decoder-only model)."""
+    return "encoder" if _ENCODER_RE.search(path) else "decoder"
 
 
 def layer_index(path: str) -> int:
@@ -282,6 +290,7 @@ def _build_spec(model: nn.Module, index: int, path: str, module: nn.Module, targ
         shared_experts=_shared_experts(parent if parser != "doge" else module, config),
         module=module,
         selection_module=selection_module,
+        stack=stack_of(path),
     )
 
 

@@ -56,8 +56,12 @@ ROUTE = Schema(
         Column("router_entropy", "float64", "the token's routing entropy at this router divided by log(C)"),
         Column("router", "string", "'mlp', or 'attention' for JetMoE's mixture-of-attention router"),
         Column("phase", "string", "'prefill' for prompt tokens, 'decode' for generated tokens"),
-        Column("expert_type", "string", "'routed', or the family's null expert kind ('zero', 'skip')"),
+        Column(
+            "expert_type", "string",
+            "'routed', the null expert kind ('zero', 'skip'), or 'dropped' (over capacity: expert -1, weight 0)",
+        ),
         Column("token_bytes", "string", "the token's exact bytes in hex, e.g. '<E6 9D>' (tells partial UTF-8 apart)"),
+        Column("stack", "string", "'encoder' or 'decoder' of an encoder-decoder ('decoder' for decoder-only models)"),
     ),
 )
 

@@ -252,3 +252,56 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
         # Pads are masked out everywhere, so any existing token will do; a new one would be out of vocabulary.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     return tokenizer
+
+
+# What a checkpoint is decides which class loads it: the issue-17 rule, in one place.
+CAUSAL, IMAGE_TEXT, SEQ2SEQ = "causal-lm", "image-text-to-text", "seq2seq"
+
+
+def model_kind(config: Any) -> str:
+    """Which kind of model a config describes: causal LM, image-text-to-text (vision-language) or seq2seq.
+
+    A type transformers can load as a causal LM stays one (Llama-4 checkpoints load their text model that
+    way); vision-language types without a causal-LM class load whole; encoder-decoders load as seq2seq.
+    """
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False):
+        return SEQ2SEQ
+    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return CAUSAL
+    if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return IMAGE_TEXT
+    return CAUSAL
+
+
+def model_class(config: Any) -> Any:
+    """The transformers class that loads this config: the auto class of its kind, else the class the
+    checkpoint names in ``architectures`` (NLLB-MoE has no auto mapping in transformers)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    kind = model_kind(config)
+    auto_classes = {
+        CAUSAL: (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "AutoModelForCausalLM"),
+        IMAGE_TEXT: (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, "AutoModelForImageTextToText"),
+        SEQ2SEQ: (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "AutoModelForSeq2SeqLM"),
+    }
+    mapping, auto_name = auto_classes[kind]
+    auto = getattr(transformers, auto_name)
+    if getattr(config, "model_type", "") in mapping or getattr(config, "auto_map", None):
+        return auto
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, str(name), None)
+        if isinstance(cls, type) and str(name).endswith(("ForConditionalGeneration", "ForCausalLM")):
+            return cls
+    return auto
+
+
+def skeleton_model(config: Any, trust_remote_code: bool = False) -> Any:
+    """The model a config describes, built by the class that loads it (call under a meta device)."""
+    cls = model_class(config)
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+    return cls(config)

@@ -42,6 +42,7 @@ def concat_calls(calls: Sequence[RouterOutput]) -> RouterOutput:
         experts=torch.cat([c.experts for c in calls]),
         weights=torch.cat([c.weights for c in calls]),
         hash_selected=calls[0].hash_selected,
+        dropped=None if calls[0].dropped is None else torch.cat([c.dropped for c in calls]),
     )
 
 
@@ -76,7 +77,13 @@ def route_frame(
         k = experts.shape[1]
         position = np.repeat(np.arange(n), k)
         expert_flat = experts.reshape(-1)
-        expert_type = np.where(expert_flat >= spec.num_experts, spec.null_label, "routed")
+        expert_type = np.where(expert_flat >= spec.num_experts, spec.null_label, "routed").astype(object)
+        weight_flat = weights.reshape(-1)
+        if out.dropped is not None:  # over capacity: the router chose the expert, the experts never saw the token
+            dropped = out.dropped.cpu().numpy().reshape(-1)
+            expert_type[dropped] = "dropped"
+            expert_flat = np.where(dropped, -1, expert_flat)
+            weight_flat = np.where(dropped, 0.0, weight_flat)
         parts.append(
             pd.DataFrame(
                 {
@@ -87,12 +94,13 @@ def route_frame(
                     "layer": spec.layer,
                     "rank": np.tile(np.arange(k), n),
                     "expert": expert_flat,
-                    "weight": weights.reshape(-1),
+                    "weight": weight_flat,
                     "probability": chosen_p.reshape(-1),
                     "router_entropy": entropy[position],
                     "router": spec.kind,
                     "phase": np.asarray(phases, dtype=object)[position],
                     "expert_type": expert_type,
+                    "stack": spec.stack,
                     "_order": spec.index,
                 }
             )

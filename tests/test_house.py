@@ -102,7 +102,8 @@ def test_active_params_non_embedding_untied_subtracts_both() -> None:
     assert info.active_params_excl_input_embedding == info.active_params - 1600
 
 
-def test_encoder_decoder_moe_is_refused_in_one_sentence(tmp_path: Path) -> None:
+def test_encoder_decoder_moe_gets_real_figures(tmp_path: Path) -> None:
+    """Issue 17 replaced the refusal: per-stack layers and k from the routers, never 'top-0'."""
     from transformers import SwitchTransformersConfig
 
     from moe_inspect.info import describe
@@ -111,13 +112,18 @@ def test_encoder_decoder_moe_is_refused_in_one_sentence(tmp_path: Path) -> None:
         vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=4, num_decoder_layers=4, num_heads=2, num_experts=4,
         encoder_sparse_step=2, decoder_sparse_step=2,
     )
-    with pytest.raises(UserError, match="encoder-decoder"):
-        describe(config)
+    info = describe(config)
+    assert [(s.stack, s.moe_layers, s.dense_layers, s.top_k) for s in info.stacks] == [
+        ("encoder", [1, 3], [0, 2], 1), ("decoder", [1, 3], [0, 2], 1),
+    ]
+    # 4 routers x 4 experts x (wi + wo = 2 x 16 x 32); each token uses 1 of 4
+    assert info.routed_expert_params == 4 * 4 * 1024
+    assert info.active_params == info.total_params - 4 * 4 * 1024 * 3 // 4
     config.save_pretrained(tmp_path)
     result = runner.invoke(app, ["info", str(tmp_path)])
-    assert result.exit_code == 2
-    assert "encoder-decoder" in result.stderr and "Traceback" not in result.output
-    assert "top-0" not in result.output
+    assert result.exit_code == 0, result.output
+    assert "encoder 4 (2 MoE: 1, 3, 2 dense)" in result.output
+    assert "top-0" not in result.output and "4 routed, top-1 per token" in result.output
 
 
 def test_version_flag() -> None:

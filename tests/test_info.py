@@ -252,7 +252,9 @@ def test_json_has_the_documented_keys(deepseek: ModelInfo) -> None:
     assert set(data) >= JSON_KEYS
     assert data["layers"][0] == {
         "layer": 0, "kind": "dense", "experts": 0, "top_k": 0, "shared_experts": 0, "routed_expert_params": 0,
+        "stack": "decoder",
     }
+    assert data["stacks"] == []  # only encoder-decoders list their stacks
     assert data["layers"][3]["kind"] == "moe" and data["layers"][3]["experts"] == 256
     assert set(data["memory"]["int4"]) == {"all", "active"}
     json.dumps(data)  # plain data all the way down

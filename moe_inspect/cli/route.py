@@ -55,8 +55,14 @@ def route(
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.0, help="Sampling temperature for --generate; 0 is greedy.")
     ] = 0.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Random seed for sampling (and NLLB-MoE's random expert policies).")
+    ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", help="Encoder-decoder models: the decoder prefix to route (default: start token)."),
+    ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -82,7 +88,7 @@ def route(
     limit = max_positions(model_id, load.revision, load.trust_remote_code)
     check_prompt_length(len(tokenizer(text)["input_ids"]), generate, limit)  # before the weights load
     insp = load_for_cli(load, output, tokenizer)
-    frame = insp.route(text, generate=generate, temperature=temperature, seed=seed, layers=selected)
+    frame = insp.route(text, generate=generate, temperature=temperature, seed=seed, layers=selected, target=target)
     if json_output:
         output.json({**frame.attrs, "rows": frame})
     elif output.tables:

@@ -120,11 +120,13 @@ def expert_param_names(model: nn.Module, routers: list[RouterSpec]) -> list[str]
 
 def _skeleton(model_id: str, revision: str | None, trust_remote_code: bool) -> nn.Module:
     """The model built on the meta device: module names without reading or allocating any weight."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from moe_inspect.source import skeleton_model
 
     config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return skeleton_model(config, trust_remote_code)
 
 
 def _require_backend(float8: bool) -> None:

@@ -12,6 +12,12 @@ from moe_inspect.units import human_bytes, human_count, layer_ranges
 
 
 def _layers_line(info: ModelInfo) -> str:
+    if info.stacks:  # encoder-decoder: each stack's blocks
+        return "; ".join(
+            f"{s.stack} {s.num_layers} ({len(s.moe_layers)} MoE: {layer_ranges(s.moe_layers) or '-'}, "
+            f"{len(s.dense_layers)} dense)"
+            for s in info.stacks
+        )
     if not info.moe_layers:
         return f"{info.num_layers} (all dense)"
     parts = [f"{len(info.moe_layers)} MoE: {layer_ranges(info.moe_layers)}"]

@@ -40,7 +40,7 @@ def _cell(group: pd.DataFrame) -> Text:
         if i:
             text.append("\n")
         if row.expert_type != "routed":
-            text.append(f"{row.expert_type:>4}", style="dim")
+            text.append(f"{'drop' if row.expert_type == 'dropped' else row.expert_type:>4}", style="dim")
         else:
             text.append(f"{row.expert:>4}", style=PALETTE[row.expert % len(PALETTE)])
         text.append(f" {row.weight:.2f}".replace("0.", ".", 1), style="dim")
@@ -83,6 +83,12 @@ def render_route(frame: pd.DataFrame, console: Console) -> None:
     """Print the routing table: each cell lists the token's experts (rank order) and combine weights."""
     if frame.empty:
         console.print("No routing rows to show (no router matched the selected layers).")
+        return
+    stacks = list(dict.fromkeys(frame["stack"])) if "stack" in frame else []
+    if len(stacks) > 1:  # encoder-decoder: each stack has its own positions and layers
+        for stack in stacks:
+            console.print(f"[bold]{stack}[/bold]")
+            render_route(frame[frame["stack"] == stack].reset_index(drop=True), console)
         return
     k = int(frame["rank"].max()) + 1
     console.print(

@@ -1,0 +1,171 @@
+"""Tiny random vision-language and encoder-decoder MoE checkpoints (issue 17), saved like a user's checkpoint.
+
+The causal-LM families come from ``tiny_models``; these need their own builders: a Qwen3-VL-MoE with a tiny
+vision tower, and Switch Transformers / NLLB-MoE whose expert capacity is set so that a short batch overflows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tiny_models import EXPERTS, _randomize_routing, tiny_config, train_tiny_tokenizer
+from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
+
+SEQ2SEQ_TYPES = ("switch_transformers", "nllb-moe")
+SWITCH_CAPACITY = 3
+"""Switch's per-sequence expert capacity in the tiny checkpoint: a 12-token sequence over 8 experts can overflow."""
+NLLB_CAPACITY_FRACTION = 0.2
+"""NLLB-MoE's eval capacity = ceil(0.2 * tokens) per expert: a short batch overflows its busiest experts."""
+
+
+def vl_config() -> PretrainedConfig:
+    """Qwen3-VL-MoE with a 2-layer MoE language model (tiny_models' text config) and a 1-block vision tower."""
+    tokenizer = train_tiny_tokenizer()
+    vocab = len(tokenizer)
+    text = tiny_config("qwen3_vl_moe_text", rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True,
+    })
+    vision = {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": text.hidden_size,
+        "patch_size": 8, "temporal_patch_size": 2, "spatial_merge_size": 2, "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    }
+    return CONFIG_MAPPING["qwen3_vl_moe"](
+        text_config=text.to_dict(), vision_config=vision, image_token_id=vocab - 4, video_token_id=vocab - 3,
+        vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1,
+        architectures=["Qwen3VLMoeForConditionalGeneration"],
+    )
+
+
+VL_TYPES = (
+    "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
+    "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop",
+)
+"""Vision-language MoE types routed by tests/test_vision_language.py."""
+
+_TINY_TOWER = {
+    "depth": 1, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+    "num_attention_heads": 2, "out_hidden_size": 64, "embed_dim": 32, "patch_size": 8, "spatial_merge_size": 2,
+    "num_layers": 1, "head_dim": 16, "num_key_value_heads": 2, "image_size": 32,
+    "encoder_layers": 1, "d_model": 32, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "output_dim": 64,
+    "downsample_hidden_size": 16,
+}
+
+
+_MROPE_4 = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+# Per-family fixes to the generic tiny configs: multimodal RoPE sections must fit the tiny rotary dims, and towers
+# that project into the language model must name its hidden size.
+_VL_TEXT: dict[str, dict[str, Any]] = {
+    "glm4v_moe": {"rope_parameters": {**_MROPE_4, "partial_rotary_factor": 0.5}},
+    "hy_v4_vl": {"rope_parameters": _MROPE_4},
+}
+_VL_TOWERS: dict[str, dict[str, Any]] = {
+    "inkling2": {"text_hidden_size": 64}, "inkling2_loop": {"text_hidden_size": 64},
+}
+
+
+def generic_vl_config(model_type: str) -> PretrainedConfig:
+    """A VL config whose text sub-config is tiny_models' MoE text config and whose towers are 1 block of 32."""
+    from tiny_models import _config_fields
+
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class()
+    kwargs: dict[str, Any] = {}
+    for name in getattr(config_class, "sub_configs", None) or {}:
+        sub = getattr(defaults, name)  # the default sub-config says which class an AutoConfig slot holds
+        if name == "text_config":
+            kwargs[name] = tiny_config(sub.model_type, **_VL_TEXT.get(model_type, {})).to_dict()
+        else:
+            fields = _config_fields(type(sub))
+            tower = {**_TINY_TOWER, **_VL_TOWERS.get(model_type, {})}
+            kwargs[name] = {"model_type": sub.model_type, **{k: v for k, v in tower.items() if k in fields}}
+    from transformers.models.auto import modeling_auto
+
+    kwargs["architectures"] = [modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]
+    return config_class(**kwargs)
+
+
+def seq2seq_config(model_type: str) -> PretrainedConfig:
+    """Tiny Switch / NLLB-MoE: 2 encoder and 2 decoder blocks, MoE every second block, 8 experts."""
+    tokenizer = train_tiny_tokenizer()
+    common: dict[str, Any] = {
+        "vocab_size": len(tokenizer), "d_model": 64, "num_experts": EXPERTS, "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": tokenizer.pad_token_id,
+    }
+    if model_type == "switch_transformers":
+        return CONFIG_MAPPING[model_type](
+            **common, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1, expert_capacity=SWITCH_CAPACITY, architectures=[
+                "SwitchTransformersForConditionalGeneration"],
+        )
+    return CONFIG_MAPPING[model_type](
+        **common, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_sparse_step=2, decoder_sparse_step=2,
+        max_position_embeddings=128, moe_eval_capacity_token_fraction=NLLB_CAPACITY_FRACTION,
+        bos_token_id=tokenizer.bos_token_id, architectures=["NllbMoeForConditionalGeneration"],
+    )
+
+
+def build(model_type: str, seed: int = 0) -> PreTrainedModel:
+    """The tiny model of ``model_type`` (qwen3_vl_moe, switch_transformers or nllb-moe), routers randomized."""
+    import transformers
+
+    if model_type == "qwen3_vl_moe":
+        config = vl_config()
+    elif model_type in VL_TYPES:
+        config = generic_vl_config(model_type)
+    else:
+        config = seq2seq_config(model_type)
+    cls = getattr(transformers, config.architectures[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    _randomize_routing(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def save(model_type: str, path: Path, seed: int = 0) -> Path:
+    """Build and save model + tiny tokenizer to ``path``."""
+    model = build(model_type, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    train_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+CHECKPOINT_MAPPINGS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+)
+
+
+def checkpoint_moe_types() -> dict[str, list[str]]:
+    """Every MoE model type a checkpoint can have in the installed transformers -> the kinds it loads as.
+
+    A type counts when its modeling module records ``router_logits`` and some generation class (causal LM,
+    image-text-to-text, seq2seq, multimodal LM) loads it; sub-model types (``x_vision``, ``x_text``) that no
+    generation class loads on their own are parts of those checkpoints, not checkpoints.
+    """
+    from pathlib import Path as _Path
+
+    import transformers
+    from tiny_models import _modeling_module, _records_router_logits
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    models_dir = _Path(transformers.__file__).parent / "models"
+    found: dict[str, list[str]] = {}
+    for name in CHECKPOINT_MAPPINGS:
+        for model_type in getattr(modeling_auto, name):
+            module_name = model_type_to_module_name(model_type)
+            source = models_dir / module_name / f"modeling_{module_name}.py"
+            if not source.is_file() or "router_logits" not in source.read_text(encoding="utf-8"):
+                continue
+            module = _modeling_module(model_type)
+            if module is not None and _records_router_logits(module):
+                found.setdefault(model_type, []).append(name.removeprefix("MODEL_FOR_").removesuffix("_MAPPING_NAMES"))
+    return found
