@@ -133,14 +133,15 @@ def compare(
         check_output(html, "--html")
     if len(inputs) == 2 and all(Path(p).is_dir() for p in inputs):
         report = _compare_runs(inputs[0], inputs[1], out_dir, output)
-        labels = (Path(inputs[0]).name or inputs[0], Path(inputs[1]).name or inputs[1])
-    else:
-        against = model_b_options(load, against, _given(ctx, "against_"))
-        report = _compare_models(
-            inputs, load, against, seq_len, batch_size, lines, max_tokens, out_dir, per_token, together, scratch, output
-        )
-        labels = (_label(report.run.get("model_a"), "A"), _label(report.run.get("model_b"), "B"))
+        if html is not None:
+            _write_html(report, (Path(inputs[0]).name or inputs[0], Path(inputs[1]).name or inputs[1]), html, output)
+        return
+    against = model_b_options(load, against, _given(ctx, "against_"))
+    report = _compare_models(
+        inputs, load, against, seq_len, batch_size, lines, max_tokens, out_dir, per_token, together, scratch, output
+    )
     if html is not None:
+        labels = (_label(report.run.get("model_a"), "A"), _label(report.run.get("model_b"), "B"))
         _write_html(report, labels, html, output)
 
 
