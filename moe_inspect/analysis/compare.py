@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from moe_inspect import metrics, schemas
+from moe_inspect.analysis import distributed
 from moe_inspect.analysis.compare_record import (
     OUTPUT_TOP,
     PROB_DTYPE,
@@ -33,6 +34,7 @@ from moe_inspect.analysis.compare_record import (
     expert_dtype,
     host_list,
 )
+from moe_inspect.analysis.compare_reduce import reduce_comparer
 from moe_inspect.analysis.outputs import DecoderPass, OutputHead, logprobs_at, topk_logprobs
 from moe_inspect.capture import RouterOutput, capture
 from moe_inspect.corpus import Batch
@@ -491,7 +493,7 @@ def compare_two_pass(
             head = OutputHead(loaded.model)
             recorder = _Recorder(loaded.routers)
             with torch.inference_mode(), capture(loaded.routers, sink=recorder, keep=False):
-                for batch in batches:
+                for batch in distributed.shard(batches):  # under torchrun: this rank's share
                     store.append(_run_a(loaded, head, recorder, batch).to_host())
                     tokens += batch.tokens
                     if progress is not None:
@@ -525,16 +527,17 @@ def compare_two_pass(
                 f"Interrupted during model B's pass after {done} of {store.batches} batches "
                 f"({done_tokens:,} of {tokens:,} tokens); nothing was written."
             ) from None
+        batches_done, record_bytes = reduce_comparer(comparer, store.batches, store.bytes)
         run = {
             "model_a": describe_a,
             "model_b": describe_model(loaded_b),
-            "batches": store.batches,
+            "batches": batches_done,
             "elapsed_s": round(time.perf_counter() - started, 3),
             "record_bytes_per_token_formula": bytes_per_token(routers_a),
             **_environment(),
             **(run_info or {}),
         }
-        return _report(comparer, "two-pass", store.bytes, run)
+        return _report(comparer, "two-pass", record_bytes, run)
 
 
 def compare_together(
@@ -556,7 +559,7 @@ def compare_together(
     try:
         with torch.inference_mode():
             # Captures are per batch and per model, so a model compared with itself is never hooked twice at once.
-            for batch in batches:
+            for batch in distributed.shard(batches):  # under torchrun: this rank's share
                 with capture(loaded_a.routers, sink=recorder, keep=False):
                     record = _run_a(loaded_a, head_a, recorder, batch)
                 with capture(loaded_b.routers, sink=comparer, keep=False):
@@ -573,6 +576,7 @@ def compare_together(
         raise Interrupted(
             f"Interrupted after {batches_done} batches ({tokens:,} tokens); nothing was written."
         ) from None
+    (batches_done,) = reduce_comparer(comparer, batches_done)
     run = {
         "model_a": describe_model(loaded_a),
         "model_b": describe_model(loaded_b),

@@ -148,3 +148,22 @@ def _reduce(accumulator: BalanceAccumulator, tokens: int) -> int:
             target.copy_(next(summed_floats).view_as(target))
         assert len(state_ints) + 1 == n_ints and len(state_floats) == n_floats
     return int(head[0])
+
+
+def sum_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Any tensors summed over ranks: integers exactly (as int64), the rest as float64, one collective for each.
+
+    Returns new tensors in the given shapes, dtypes and devices; outside a launcher, the tensors themselves.
+    """
+    if not (enabled() and dist.is_initialized()):
+        return tensors
+    device = _comm_device()
+    exact = [i for i, t in enumerate(tensors) if not (t.is_floating_point() or t.is_complex())]
+    inexact = [i for i, t in enumerate(tensors) if i not in set(exact)]
+    out: list[torch.Tensor] = list(tensors)
+    for group, dtype in ((exact, torch.int64), (inexact, torch.float64)):
+        if group:
+            summed = _all_reduce([tensors[i] for i in group], dtype, device)
+            for i, piece in zip(group, summed, strict=True):
+                out[i] = piece.view_as(tensors[i]).to(device=tensors[i].device, dtype=tensors[i].dtype)
+    return out

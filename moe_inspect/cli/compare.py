@@ -140,7 +140,7 @@ def compare(
     report = _compare_models(
         inputs, load, against, seq_len, batch_size, lines, max_tokens, out_dir, per_token, together, scratch, output
     )
-    if html is not None:
+    if html is not None and report is not None:  # other torchrun ranks return None: rank 0 writes
         labels = (_label(report.run.get("model_a"), "A"), _label(report.run.get("model_b"), "B"))
         _write_html(report, labels, html, output)
 
@@ -179,6 +179,7 @@ def _compare_models(
     scratch: Path | None,
     output: Output,
 ) -> Any:
+    from moe_inspect.analysis import distributed
     from moe_inspect.analysis.compare import Interrupted, check_same_tokenizer, precheck_same_moe
     from moe_inspect.analysis.compare_tokens import PerTokenWriter, check_target
     from moe_inspect.corpus import CorpusReader, check_files
@@ -186,6 +187,8 @@ def _compare_models(
     from moe_inspect.render.compare import render_compare
     from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
+    if per_token is not None and distributed.enabled():
+        raise UserError("--per-token is written by one process only: run compare without torchrun to write it.")
     if per_token is not None:
         check_output(per_token, "--per-token")
         check_target(per_token)
@@ -200,9 +203,12 @@ def _compare_models(
     reader.check_long_enough()
     run_info = {"seq_len": seq_len, "batch_size": batch_size, "mode": reader.mode, "max_tokens": max_tokens}
     writer = PerTokenWriter(per_token, tokenizer_a) if per_token is not None else None
+    distributed.setup()  # under torchrun: join the process group first, so each rank loads onto its own GPU
+    # Under torchrun each rank compares its share of the batches; rank 0 alone shows progress and writes.
+    shown = output if distributed.is_main() else Output(quiet=True)
     try:
         report = _run(
-            reader, options_a, options_b, tokenizer_a, tokenizer_b, together, scratch, writer, run_info, output
+            reader, options_a, options_b, tokenizer_a, tokenizer_b, together, scratch, writer, run_info, shown
         )
     except BaseException as exc:
         if writer is not None:
@@ -211,6 +217,8 @@ def _compare_models(
             err.print(f"[yellow]{exc}[/yellow]", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         raise
+    if not distributed.is_main():
+        return None  # rank 0 holds the summed report and writes it once
     report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
     if reader.mode != "lines":
         report.run["unrouted_tail_tokens"] = reader.unrouted_tail_tokens
