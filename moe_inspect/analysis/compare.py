@@ -11,7 +11,6 @@ agreement 1, JS 0 and TV 0 exactly. Sums stay on the device; the host reads them
 from __future__ import annotations
 
 import gc
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -29,6 +28,7 @@ from moe_inspect.analysis.compare_report import KL_SUPPORT as KL_SUPPORT
 from moe_inspect.analysis.compare_report import CompareReport as CompareReport
 from moe_inspect.analysis.compare_report import build_report
 from moe_inspect.analysis.outputs import OutputHead
+from moe_inspect.analysis.run_info import environment, model_identity
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
@@ -53,22 +53,8 @@ class PerTokenSink(Protocol):
 Progress = Callable[[str, int], None]  # (phase "a" | "b" | "both", tokens in the batch just done)
 
 
-def _environment() -> dict[str, Any]:
-    from moe_inspect.balance import package_versions
-
-    return {"packages": package_versions(), "python": platform.python_version(), "platform": platform.platform()}
-
-
 def describe_model(loaded: LoadedModel) -> dict[str, Any]:
-    return {
-        "model": loaded.model_id,
-        "model_type": loaded.model_type,
-        "revision": loaded.revision,
-        "dtype": loaded.dtype,
-        "device": loaded.device,
-        "quantization": loaded.quantization,
-        "routers": [spec.describe() for spec in loaded.routers],
-    }
+    return {**model_identity(loaded), "routers": [spec.describe() for spec in loaded.routers]}
 
 
 def _free() -> None:
@@ -155,7 +141,7 @@ def compare_two_pass(
             "batches": store.batches,
             "elapsed_s": round(time.perf_counter() - started, 3),
             "record_bytes_per_token_formula": bytes_per_token(routers_a),
-            **_environment(),
+            **environment(),
             **(run_info or {}),
         }
         return build_report(comparer, "two-pass", store.bytes, run)
@@ -202,7 +188,7 @@ def compare_together(
         "model_b": describe_model(loaded_b),
         "batches": batches_done,
         "elapsed_s": round(time.perf_counter() - started, 3),
-        **_environment(),
+        **environment(),
         **(run_info or {}),
     }
     return build_report(comparer, "together", None, run)

@@ -49,6 +49,18 @@ def write_compare_folder(
     return replace_folder(out_dir, write_all)
 
 
+def share_columns(count_a: np.ndarray, count_b: np.ndarray, share_a: np.ndarray, share_b: np.ndarray) -> dict[str, Any]:
+    """The per-expert columns both comparisons share (``COMPARE_EXPERTS`` / ``COMPARE_RUN_EXPERTS``), in order."""
+    return {
+        "count_a": count_a,
+        "count_b": count_b,
+        "share_a": share_a,
+        "share_b": share_b,
+        "share_diff": share_b - share_a,
+        "log2_ratio": metrics.log2_ratio(share_a, share_b),
+    }
+
+
 @dataclass
 class CompareReport:
     """``layers``, ``experts`` and ``summary`` (schemas ``COMPARE_*``), plus what was run (``run``, run.json)."""
@@ -98,12 +110,7 @@ def _frames(comparer: Comparer) -> tuple[pd.DataFrame, pd.DataFrame]:
                 {
                     "layer": spec.layer,
                     "expert": np.arange(e),
-                    "count_a": count_a,
-                    "count_b": count_b,
-                    "share_a": share_a,
-                    "share_b": share_b,
-                    "share_diff": share_b - share_a,
-                    "log2_ratio": metrics.log2_ratio(share_a, share_b),
+                    **share_columns(count_a, count_b, share_a, share_b),
                 }
             )
         )

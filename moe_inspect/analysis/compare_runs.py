@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from moe_inspect import metrics, schemas
-from moe_inspect.analysis.compare_report import write_compare_folder
+from moe_inspect.analysis.compare_report import share_columns, write_compare_folder
 from moe_inspect.errors import UserError
 
 _NEEDED = ("run.json", "layers.csv", "experts.csv")
@@ -104,12 +104,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> RunsComparison:
                 {
                     "layer": layer,
                     "expert": a["expert"].to_numpy(),
-                    "count_a": count_a,
-                    "count_b": count_b,
-                    "share_a": share_a,
-                    "share_b": share_b,
-                    "share_diff": share_b - share_a,
-                    "log2_ratio": metrics.log2_ratio(share_a, share_b),
+                    **share_columns(count_a, count_b, share_a, share_b),
                     "specialisation_a": spec_a,
                     "specialisation_b": spec_b,
                     "specialises_in": np.where(
