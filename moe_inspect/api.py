@@ -42,6 +42,17 @@ if TYPE_CHECKING:
     from moe_inspect.analysis.compare import CompareReport
 
 
+def _corpus_info(reader: CorpusReader, **extra: Any) -> dict[str, Any]:
+    """The corpus settings every run.json records (``run_info``), then any command-specific ones."""
+    return {
+        "seq_len": reader.seq_len,
+        "batch_size": reader.batch_size,
+        "mode": reader.mode,
+        "max_tokens": reader.max_tokens,
+        **extra,
+    }
+
+
 class Inspector:
     """A loaded MoE model with its routers hooked on demand."""
 
@@ -126,12 +137,7 @@ class Inspector:
         if reader is None:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
-        info = {
-            "seq_len": reader.seq_len,
-            "batch_size": reader.batch_size,
-            "mode": reader.mode,
-            "max_tokens": reader.max_tokens,
-        }
+        info = _corpus_info(reader)
         if by_file:
             readers = [replace(reader, files=[f]) for f in reader.files]
             batches, sources = [], [(r.files[0].name, r.batches()) for r in readers]
@@ -164,12 +170,7 @@ class Inspector:
         from moe_inspect.analysis.compare import check_same_tokenizer, compare_together, compare_two_pass
 
         reader = self.corpus(texts, **corpus_options)
-        info = {
-            "seq_len": reader.seq_len,
-            "batch_size": reader.batch_size,
-            "mode": reader.mode,
-            "max_tokens": reader.max_tokens,
-        }
+        info = _corpus_info(reader)
         if isinstance(other, Inspector):
             check_same_tokenizer(self.tokenizer, other.tokenizer)
             reader.check_long_enough()
@@ -218,13 +219,7 @@ class Inspector:
         if reader is None:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
-        info = {
-            "seq_len": reader.seq_len,
-            "batch_size": reader.batch_size,
-            "mode": reader.mode,
-            "max_tokens": reader.max_tokens,
-            "drop_policy": drop_policy,
-        }
+        info = _corpus_info(reader, drop_policy=drop_policy)
         report = run_ablation(self.loaded, reader.batches(), plan, progress, info)
         report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
         if reader.mode != "lines":

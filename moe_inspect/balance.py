@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,8 @@ from moe_inspect.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.analysis import distributed
 from moe_inspect.analysis.batching import BatchMemory
 from moe_inspect.analysis.routing_pass import routing_forward
+from moe_inspect.analysis.run_info import environment, model_identity
+from moe_inspect.analysis.run_info import package_versions as package_versions
 from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
 from moe_inspect.capture import capture
 from moe_inspect.corpus import Batch
@@ -25,8 +25,6 @@ from moe_inspect.loading import LoadedModel
 from moe_inspect.model.quantize import no_grad_context
 from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
-
-_PACKAGES = ("moe-inspect", "torch", "transformers", "accelerate", "tokenizers", "bitsandbytes", "pandas")
 
 Progress = Callable[[Batch], None]
 
@@ -69,16 +67,6 @@ def check_capacity_factors(factors: tuple[float, ...]) -> tuple[float, ...]:
     if bad:
         raise UserError(f"A capacity factor must be positive, not {', '.join(f'{f:g}' for f in bad)}.")
     return tuple(factors)
-
-
-def package_versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in _PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def _route(
@@ -160,12 +148,7 @@ def run_balance(
     per_source = [(name, acc.finish()) for name, acc in accumulators]
     blocks = per_source if sources is None else [*per_source, ("all", sum_totals([t for _, t in per_source]))]
     run = {
-        "model": loaded.model_id,
-        "model_type": loaded.model_type,
-        "revision": loaded.revision,
-        "dtype": loaded.dtype,
-        "device": loaded.device,
-        "quantization": loaded.quantization,
+        **model_identity(loaded),
         "tokens": tokens,
         "batches": sum(acc.batches for _, acc in accumulators),
         "capacity_factors": list(capacity_factors),
@@ -175,9 +158,7 @@ def run_balance(
         "peak_batch_memory_method": memory.method,
         "partial": partial,  # Ctrl-C: an interrupted batch may be counted by its first routers only
         "routers": [spec.describe() for spec in loaded.routers],
-        "packages": package_versions(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **environment(),
         **(run_info or {}),
     }
     if sources is not None:

@@ -351,8 +351,8 @@ def test_cli_ctrl_c_in_second_pass_exits_130_and_writes_nothing(
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    real = compare_mod._run_b
-    monkeypatch.setattr(compare_mod, "_run_b", lambda *a, **k: (interrupted(), real(*a, **k)))
+    real = compare_mod.run_b
+    monkeypatch.setattr(compare_mod, "run_b", lambda *a, **k: (interrupted(), real(*a, **k)))
     monkeypatch.chdir(tmp_path)
     args = ["compare", str(corpus_file), "-m", str(tiny_dir("mixtral")), "--seq-len", "16", "--batch-size", "2"]
     result = CliRunner().invoke(app, [*args, "--out", "out", "--per-token", "out/t.csv", "--scratch", "scratch"])

@@ -10,7 +10,6 @@ Ctrl-C leaves consistent partial figures.
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from moe_inspect.analysis.gradients import GradientAccumulator
 from moe_inspect.analysis.importance import ProxyAccumulator, importance_frame, proxy_spearman
 from moe_inspect.analysis.interventions import Rerouter, RoutingChange, reroutable_routers
 from moe_inspect.analysis.outputs import OutputHead, predicted_positions, token_losses
-from moe_inspect.balance import package_versions
+from moe_inspect.analysis.run_info import environment, model_identity
 from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
 from moe_inspect.export import replace_folder, write_csv, write_json
@@ -175,12 +174,7 @@ def run_ablation(
         importance = importance_frame(deltas, proxies.frames())
         spearman = proxy_spearman(importance)
     run = {
-        "model": loaded.model_id,
-        "model_type": loaded.model_type,
-        "revision": loaded.revision,
-        "dtype": loaded.dtype,
-        "device": loaded.device,
-        "quantization": loaded.quantization,
+        **model_identity(loaded),
         "tokens": tokens,
         "predicted_tokens": predicted,
         "batches": batches_done,
@@ -192,9 +186,7 @@ def run_ablation(
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "partial": partial,
         "routers": [spec.describe() for spec in routers],
-        "packages": package_versions(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **environment(),
         **(run_info or {}),
     }
     if spearman is not None:

@@ -14,14 +14,15 @@ import torch
 from moe_inspect.analysis import distributed
 
 if TYPE_CHECKING:
-    from moe_inspect.analysis.compare import _Comparer
+    from moe_inspect.analysis.compare_batch import Comparer
 
 
-def reduce_comparer(comparer: _Comparer, *counts: int) -> tuple[int, ...]:
+def reduce_comparer(comparer: Comparer, *counts: int) -> tuple[int, ...]:
     """Sum every rank's ``comparer`` sums into every rank's (in place); returns ``counts`` summed over ranks too."""
     if not (distributed.enabled() and torch.distributed.is_initialized()):
         return counts
-    from moe_inspect.analysis.compare import _SUMS, _RouterSums
+    from moe_inspect.analysis.compare_batch import _RouterSums
+    from moe_inspect.analysis.compare_report import SUMS
 
     with torch.inference_mode():  # the sums are inference tensors: update them in the mode they were made in
         routers = comparer.routers
@@ -32,7 +33,7 @@ def reduce_comparer(comparer: _Comparer, *counts: int) -> tuple[int, ...]:
                 c = spec.num_columns
                 zeros = torch.zeros(c, dtype=torch.int64)
                 comparer.state[spec.index] = _RouterSums(
-                    torch.zeros(len(_SUMS), dtype=torch.float64), zeros, zeros.clone()
+                    torch.zeros(len(SUMS), dtype=torch.float64), zeros, zeros.clone()
                 )
         if ran[-1] and comparer.out_sums is None:
             comparer.out_sums = torch.zeros(2, dtype=torch.float64)

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from moe_inspect import metrics, schemas
+from moe_inspect.analysis.compare_report import share_columns, write_compare_folder
 from moe_inspect.errors import UserError
-from moe_inspect.export import replace_folder, write_csv, write_json
 
 _NEEDED = ("run.json", "layers.csv", "experts.csv")
 
@@ -32,15 +32,7 @@ class RunsComparison:
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """compare_layers.csv, compare_experts.csv and run.json, swapped into ``out_dir`` as one set."""
-
-        def write_all(out: Path) -> list[Path]:
-            return [
-                write_csv(self.layers, out / "compare_layers.csv"),
-                write_csv(self.experts, out / "compare_experts.csv"),
-                write_json(self.run, out / "run.json"),
-            ]
-
-        return replace_folder(out_dir, write_all)
+        return write_compare_folder(out_dir, self.layers, self.experts, self.run)
 
 
 def is_balance_run(path: str | Path) -> bool:
@@ -112,12 +104,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> RunsComparison:
                 {
                     "layer": layer,
                     "expert": a["expert"].to_numpy(),
-                    "count_a": count_a,
-                    "count_b": count_b,
-                    "share_a": share_a,
-                    "share_b": share_b,
-                    "share_diff": share_b - share_a,
-                    "log2_ratio": metrics.log2_ratio(share_a, share_b),
+                    **share_columns(count_a, count_b, share_a, share_b),
                     "specialisation_a": spec_a,
                     "specialisation_b": spec_b,
                     "specialises_in": np.where(

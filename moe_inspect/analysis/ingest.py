@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from moe_inspect.accumulate import RouterTotals
-from moe_inspect.balance import BalanceReport, package_versions
+from moe_inspect.analysis.run_info import package_versions
+from moe_inspect.balance import BalanceReport
 from moe_inspect.io.engine_records import EngineRecord
 from moe_inspect.routers import RouterSpec
 from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS

@@ -81,24 +81,21 @@ def balance(
     from moe_inspect.analysis import distributed
     from moe_inspect.analysis.batching import default_batch_size
     from moe_inspect.balance import check_capacity_factors
+    from moe_inspect.cli.heatmap import check_plot, need_matplotlib, save_report_and_heatmap
     from moe_inspect.corpus import Batch, CorpusReader, check_files
     from moe_inspect.export import check_output
-    from moe_inspect.render.balance import overall, plot_format, render_balance, write_heatmap_png
+    from moe_inspect.render.balance import overall, render_balance
     from moe_inspect.render.extras import balance_page, balance_tables, render_balance_extras
     from moe_inspect.render.html import write_html
     from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
     if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UserError("--plot needs matplotlib: pip install 'moe-inspect[plot]'.") from None
+        need_matplotlib()
     if out_dir is not None:
         check_output(out_dir, "--out", folder=True)
     if plot is not None:
-        check_output(plot, "--plot")
-        plot_format(plot)
+        check_plot(plot)
     if html is not None:
         check_output(html, "--html")
     token_layers = parse_layers(top_token_layers)
@@ -149,12 +146,7 @@ def balance(
         render_balance(report, out)
         render_balance_extras(report, out)
     title = f"{insp.loaded.model_id}: expert load / uniform (log2)"
-    failures = [
-        save(report.write, out_dir, "--out", output) if out_dir is not None else None,
-        save(lambda path: write_heatmap_png(overall(report.experts), path, title=title), plot, "--plot", output)
-        if plot is not None
-        else None,
-    ]
+    failures = save_report_and_heatmap(report.write, out_dir, lambda: overall(report.experts), plot, title, output)
     if html is not None:
         page = balance_page(report)
         failures.append(save(lambda path: write_html(page, path), html, "--html", output))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from moe_inspect.cli.common import Output, out, save, user_errors
+from moe_inspect.cli.common import Output, out, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt
 from moe_inspect.errors import UserError
 from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
@@ -71,18 +71,15 @@ def ingest(
     """Read SGLang expert-distribution dumps or vLLM/SGLang routed experts and report load like balance."""
     from moe_inspect.analysis.ingest import record_report
     from moe_inspect.balance import check_capacity_factors
+    from moe_inspect.cli.heatmap import check_plot, need_matplotlib, save_report_and_heatmap
     from moe_inspect.export import check_output
     from moe_inspect.io.engine_records import read_records
-    from moe_inspect.render.balance import plot_format, render_balance, write_heatmap_png
+    from moe_inspect.render.balance import render_balance
 
     output = Output(quiet, json_output)
     if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UserError("--plot needs matplotlib: pip install 'moe-inspect[plot]'.") from None
-        check_output(plot, "--plot")
-        plot_format(plot)
+        need_matplotlib()
+        check_plot(plot)
     if out_dir is not None:
         check_output(out_dir, "--out", folder=True)
     factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
@@ -96,11 +93,6 @@ def ingest(
     elif output.tables:
         render_balance(report, out)
     title = f"{record.format}: expert load / uniform (log2)"
-    failures = [
-        save(report.write, out_dir, "--out", output) if out_dir is not None else None,
-        save(lambda path: write_heatmap_png(report.experts, path, title=title), plot, "--plot", output)
-        if plot is not None
-        else None,
-    ]
+    failures = save_report_and_heatmap(report.write, out_dir, lambda: report.experts, plot, title, output)
     if any(failures):
         raise UserError(" ".join(f for f in failures if f))
