@@ -141,25 +141,13 @@ def _memory_child(tokens: int, model_dir: str, corpus: str) -> None:
 
 
 def memory(token_counts: list[int]) -> list[dict]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     with tempfile.TemporaryDirectory() as tmp:
-        stdlib = Path(os.__file__).parent
-        text = "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py")))
+        text = stdlib_text()
         corpus = Path(tmp) / "corpus.txt"
         with corpus.open("w") as handle:  # ~8 MB per copy; enough copies for the largest run
             for _ in range(max(1, max(token_counts) // 2_000_000 + 1)):
                 handle.write(text)
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train_from_iterator(text.splitlines()[:20000], trainer)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+        tokenizer = train_tokenizer(text, 512, lines=20000)
         model = build_model(hidden=64, intermediate=128, layers=4, vocab=len(tokenizer))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -175,7 +163,7 @@ def memory(token_counts: list[int]) -> list[dict]:
         return results
 
 
-def _train_tokenizer(text: str, vocab: int):
+def train_tokenizer(text: str, vocab: int, lines: int = 40000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -186,11 +174,11 @@ def _train_tokenizer(text: str, vocab: int):
         vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(text.splitlines()[:40000], trainer)
+    tok.train_from_iterator(text.splitlines()[:lines], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
 
 
-def _stdlib_text() -> str:
+def stdlib_text() -> str:
     stdlib = Path(os.__file__).parent
     return "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py")))
 
@@ -257,13 +245,13 @@ def fastpass(
     """balance against the bare forward on a 4-layer Mixtral (hidden 512, vocab 8,192) and on the demo model."""
     from moe_inspect.source import demo_model_path
 
-    text = _stdlib_text()
+    text = stdlib_text()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(text)
         if "mixtral" in models:
-            tokenizer = _train_tokenizer(text, 8192)
+            tokenizer = train_tokenizer(text, 8192)
             model = build_model(hidden=512, intermediate=1024, layers=4, vocab=len(tokenizer))
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -310,10 +298,10 @@ def loss_memory(rounds: int, batch_size: int, seq_len: int, batches: int) -> dic
     """Peak memory of an ablate-like loss pass (decoder + chunked token losses) against balance's, on a
     151,936-token vocabulary (Qwen's) with a tiny width so that 4 x 2048 batches run on a CPU. Each pass in its
     own fresh process; variants interleaved over rounds."""
-    text = _stdlib_text()
+    text = stdlib_text()
     runs: dict[str, list[dict]] = {"balance": [], "token_losses": []}
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _train_tokenizer(text[:2_000_000], 512)  # ids are drawn at random over the whole vocabulary
+        tokenizer = train_tokenizer(text[:2_000_000], 512)  # ids are drawn at random over the whole vocabulary
         model = build_model(hidden=128, intermediate=256, layers=2, vocab=151_936)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_balance import build_model
+from bench_balance import build_model, stdlib_text, train_tokenizer
 
 
 def _perturb_routers(model: torch.nn.Module, seed: int = 1) -> None:
@@ -131,26 +131,13 @@ def _memory_child(tokens: int, dir_a: str, dir_b: str, corpus: str) -> None:
 
 
 def memory(token_counts: list[int]) -> list[dict]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     with tempfile.TemporaryDirectory() as tmp:
-        stdlib = Path(os.__file__).parent
-        text = "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py")))
+        text = stdlib_text()
         corpus = Path(tmp) / "corpus.txt"
         with corpus.open("w") as handle:
             for _ in range(max(1, max(token_counts) // 2_000_000 + 1)):
                 handle.write(text)
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=512,
-            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train_from_iterator(text.splitlines()[:20000], trainer)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+        tokenizer = train_tokenizer(text, 512, lines=20000)
         dirs = []
         for i in range(2):
             model = build_model(hidden=64, intermediate=128, layers=4, vocab=len(tokenizer))
