@@ -52,9 +52,9 @@ def build_model(hidden: int, intermediate: int, layers: int, vocab: int, seed: i
 
 
 def timing(rounds: int, batches: int, batch_size: int, seq_len: int, device: str = "cpu") -> dict:
-    from moe_inspect.accumulate import BalanceAccumulator
-    from moe_inspect.capture import capture
-    from moe_inspect.routers import find_routers
+    from moe_inspect.analysis.accumulate import BalanceAccumulator
+    from moe_inspect.model.capture import capture
+    from moe_inspect.model.routers import find_routers
 
     model = build_model(hidden=512, intermediate=1024, layers=6, vocab=32000).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -243,7 +243,7 @@ def fastpass(
     rounds: int, batches: int, batch_size: int, seq_len: int, models: tuple[str, ...] = ("mixtral", "demo")
 ) -> list[dict]:
     """balance against the bare forward on a 4-layer Mixtral (hidden 512, vocab 8,192) and on the demo model."""
-    from moe_inspect.source import demo_model_path
+    from moe_inspect.model.source import demo_model_path
 
     text = stdlib_text()
     results = []
@@ -264,12 +264,12 @@ def fastpass(
 
 def _loss_memory_child(model_dir: str, variant: str, batch_size: int, seq_len: int, batches: int) -> None:
     """One fresh process, one pass: peak RSS of the whole process, and what the pass added over the loaded model."""
+    from moe_inspect.analysis.balance import run_balance
     from moe_inspect.analysis.batching import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
     from moe_inspect.analysis.outputs import OutputHead, token_losses
-    from moe_inspect.balance import run_balance
-    from moe_inspect.corpus import Batch
-    from moe_inspect.loading import load
-    from moe_inspect.options import LoadOptions
+    from moe_inspect.io.corpus import Batch
+    from moe_inspect.model.loading import load
+    from moe_inspect.model.options import LoadOptions
 
     loaded = load(LoadOptions(model=model_dir))
     vocab = loaded.model.get_output_embeddings().weight.shape[0]

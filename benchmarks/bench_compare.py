@@ -49,7 +49,7 @@ def _perturb_routers(model: torch.nn.Module, seed: int = 1) -> None:
 def timing(rounds: int, batches: int, batch_size: int, seq_len: int) -> dict:
     import moe_inspect
     from moe_inspect.analysis.compare import compare_two_pass
-    from moe_inspect.corpus import Batch
+    from moe_inspect.io.corpus import Batch
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = []

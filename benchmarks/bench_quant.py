@@ -66,9 +66,9 @@ def child(model_dir: str, mode: str, corpus: str, tokens: int) -> dict:
     import torch
 
     from moe_inspect.api import Inspector
-    from moe_inspect.loading import load
-    from moe_inspect.options import LoadOptions
-    from moe_inspect.source import load_tokenizer
+    from moe_inspect.model.loading import load
+    from moe_inspect.model.options import LoadOptions
+    from moe_inspect.model.source import load_tokenizer
 
     fields = {"bf16": {}, "8bit": {"load_in_8bit": True}, "4bit-nf4": {"load_in_4bit": True}}[mode]
     options = LoadOptions(model_dir, dtype="bfloat16", device="cpu", **fields)
@@ -104,7 +104,7 @@ def build_checkpoint(path: Path) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_balance import build_model
 
-    from moe_inspect.source import demo_model_path, load_tokenizer
+    from moe_inspect.model.source import demo_model_path, load_tokenizer
 
     model = build_model(hidden=512, intermediate=1024, layers=6, vocab=32000).to(torch.bfloat16)
     model.save_pretrained(path)

@@ -1,8 +1,9 @@
 """moe-inspect: an inference-time routing inspector for Mixture-of-Experts models in transformers.
 
-Data flows: model string -> config and tokenizer (source) -> weights (loading, with LoadOptions) -> find
-routers (routers) -> capture a forward (capture) -> accumulate (accumulate) -> metrics (metrics) -> tables
-(tables, schemas) -> render/export (render, export). ``info`` stops after routers, on a meta-device model.
+Data flows down the stages: model string -> config and tokenizer (model.source) -> weights (model.loading, with
+LoadOptions) -> routers (model.routers) -> capture a forward (model.capture) -> accumulate (analysis.accumulate)
+-> metrics (metrics) -> tables (analysis.tables, io.schemas) -> render/export (render, io.export). ``info``
+stops after the routers, on a meta-device model (analysis.info).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 __all__ = ["Inspector", "LoadOptions", "__version__", "compare_runs", "load"]
 

@@ -16,17 +16,19 @@ import torch
 
 from moe_inspect.analysis.ablate import AblationReport, build_plan, run_ablation
 from moe_inspect.analysis.ablate import Progress as AblateProgress
+from moe_inspect.analysis.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.analysis.batching import default_batch_size
 from moe_inspect.analysis.routing_pass import routing_forward
-from moe_inspect.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
-from moe_inspect.capture import capture
-from moe_inspect.corpus import CorpusFile, CorpusReader, check_files
+from moe_inspect.analysis.tables import route_frame, routers_frame
 from moe_inspect.errors import UserError
-from moe_inspect.loading import LoadedModel
-from moe_inspect.loading import load as load_model
+from moe_inspect.io.corpus import CorpusFile, CorpusReader, check_files
+from moe_inspect.io.tokens import token_bytes
+from moe_inspect.model.capture import capture
+from moe_inspect.model.loading import LoadedModel
+from moe_inspect.model.loading import load as load_model
+from moe_inspect.model.options import LoadOptions
 from moe_inspect.model.quantize import no_grad_context
-from moe_inspect.options import LoadOptions
-from moe_inspect.source import (
+from moe_inspect.model.source import (
     IMAGE_TEXT,
     check_prompt_length,
     check_seq_len,
@@ -34,8 +36,6 @@ from moe_inspect.source import (
     positions_limit,
     resolve_model,
 )
-from moe_inspect.tables import route_frame, routers_frame
-from moe_inspect.tokens import token_bytes
 from moe_inspect.units import layer_ranges
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ class Inspector:
     def _route_seq2seq(
         self, text: str, target: str | None, generate: int, seed: int | None, selected: set[int] | None
     ) -> pd.DataFrame:
-        from moe_inspect.model.encoder_decoder import route_encoder_decoder
+        from moe_inspect.analysis.encoder_decoder import route_encoder_decoder
 
         if generate:
             raise UserError("Generating with an encoder-decoder model is not supported yet; give a `target` prefix.")

@@ -250,7 +250,7 @@ def test_cli_writes_the_tables_and_refuses_bad_specs(tiny_dir, tmp_path: Path) -
     assert "Cost: 12 decoder passes per batch" in good.stderr
     import pandas as pd
 
-    from moe_inspect import schemas
+    from moe_inspect.io import schemas
 
     for name, schema in (
         ("ablation", schemas.ABLATION), ("ablation_layers", schemas.ABLATION_LAYERS),

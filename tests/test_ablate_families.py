@@ -8,7 +8,7 @@ import torch
 from tiny_models import build_tiny_model
 
 from moe_inspect.analysis.interventions import reselect, supported_families
-from moe_inspect.routers import find_routers
+from moe_inspect.model.routers import find_routers
 
 
 @pytest.mark.parametrize("model_type", supported_families())

@@ -21,11 +21,11 @@ from tiny_models import SELECTION_BIAS_NAME, moe_families
 from torch import nn
 from typer.testing import CliRunner
 
-from moe_inspect.accumulate import BalanceAccumulator
-from moe_inspect.capture import RouterOutput, capture
+from moe_inspect.analysis.accumulate import BalanceAccumulator
 from moe_inspect.cli import app
-from moe_inspect.loading import LoadedModel, load
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.capture import RouterOutput, capture
+from moe_inspect.model.loading import LoadedModel, load
+from moe_inspect.model.options import LoadOptions
 
 FAMILIES = moe_families()
 TEXTS = ["def add(a, b): return a + b", "The quick brown fox"]

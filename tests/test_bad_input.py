@@ -81,12 +81,12 @@ def test_unwritable_outputs_are_refused_before_the_model_loads(
 @pytest.mark.usefixtures("no_model_load")
 def test_read_only_output_folder_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_dir: Any) -> None:
     """Root ignores permission bits, so a read-only file system is simulated where the probe creates its file."""
-    import moe_inspect.export
+    import moe_inspect.io.export
 
     def read_only(*_args: Any, **_kwargs: Any) -> Any:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(moe_inspect.export.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(moe_inspect.io.export.tempfile, "mkstemp", read_only)
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
     result = runner.invoke(app, ["balance", str(corpus), "-m", str(tiny_dir("mixtral")), "--out", str(tmp_path / "o")])
@@ -97,7 +97,7 @@ def test_read_only_output_folder_is_refused(monkeypatch: pytest.MonkeyPatch, tmp
 def test_write_failing_at_the_end_saves_elsewhere(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_dir: Any
 ) -> None:
-    from moe_inspect.balance import BalanceReport
+    from moe_inspect.analysis.balance import BalanceReport
 
     real_write = BalanceReport.write
     target = tmp_path / "o"
@@ -217,16 +217,16 @@ def test_hub_id_without_network_fails_fast(
     """Not offline, not cached, and the Hub unreachable: one sentence at once instead of five retries."""
     import time
 
-    import moe_inspect.source
+    import moe_inspect.model.source
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    moe_inspect.source.hub_reachable.cache_clear()
+    moe_inspect.model.source.hub_reachable.cache_clear()
     started = time.perf_counter()
     result = runner.invoke(app, [*command, "someone/not-cached-moe"], input="some text\n")
-    moe_inspect.source.hub_reachable.cache_clear()
+    moe_inspect.model.source.hub_reachable.cache_clear()
     sentence = _one_sentence(result, "is not in the local Hugging Face cache and the Hub cannot be reached")
     assert "HF_HUB_OFFLINE=1" in sentence
     assert time.perf_counter() - started < 10

@@ -23,15 +23,15 @@ from tiny_models import LINES, SAMPLE_TEXT
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from typer.testing import CliRunner
 
-from moe_inspect.accumulate import BalanceAccumulator
 from moe_inspect.analysis import routing_pass
+from moe_inspect.analysis.accumulate import BalanceAccumulator
+from moe_inspect.analysis.tables import experts_frame, layers_frame
 from moe_inspect.api import Inspector
-from moe_inspect.capture import RouterOutput, capture
 from moe_inspect.cli import app
-from moe_inspect.corpus import Batch, CorpusReader
-from moe_inspect.export import write_csv
-from moe_inspect.routers import RouterSpec
-from moe_inspect.tables import experts_frame, layers_frame
+from moe_inspect.io.corpus import Batch, CorpusReader
+from moe_inspect.io.export import write_csv
+from moe_inspect.model.capture import RouterOutput, capture
+from moe_inspect.model.routers import RouterSpec
 
 CFS = (1.0, 1.25, 2.0)
 LINES_TEXT = "\n".join(LINES) + "\n\n   \n" + "\n".join(reversed(LINES)) + "\n"

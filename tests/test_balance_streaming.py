@@ -13,10 +13,10 @@ from cli_checks import assert_no_exception
 from tiny_models import SAMPLE_TEXT
 from typer.testing import CliRunner
 
-from moe_inspect.accumulate import BalanceAccumulator
+from moe_inspect.analysis.accumulate import BalanceAccumulator
 from moe_inspect.api import Inspector
 from moe_inspect.cli import app
-from moe_inspect.corpus import Batch
+from moe_inspect.io.corpus import Batch
 
 
 def _hook_counts(model: torch.nn.Module) -> list[tuple[str, int, int]]:

@@ -119,9 +119,9 @@ def test_prompt_from_stdin(tiny_dir, tmp_path: Path) -> None:
 
 
 def test_hooks_removed_even_when_forward_raises(tiny_dir) -> None:
-    from moe_inspect.capture import capture
-    from moe_inspect.loading import load
-    from moe_inspect.options import LoadOptions
+    from moe_inspect.model.capture import capture
+    from moe_inspect.model.loading import load
+    from moe_inspect.model.options import LoadOptions
 
     loaded = load(LoadOptions(str(tiny_dir("mixtral"))))
     modules = [spec.module for spec in loaded.routers]
@@ -137,7 +137,7 @@ def test_not_moe_error_is_user_error() -> None:
 
 
 def test_default_model_env_var(monkeypatch: pytest.MonkeyPatch, tiny_dir) -> None:
-    from moe_inspect.source import resolve_model
+    from moe_inspect.model.source import resolve_model
 
     monkeypatch.setenv("MOE_INSPECT_MODEL", str(tiny_dir("mixtral")))
     assert resolve_model(None) == (str(tiny_dir("mixtral")), False)

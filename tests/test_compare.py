@@ -27,10 +27,10 @@ import moe_inspect
 from moe_inspect.analysis import compare as compare_mod
 from moe_inspect.analysis.compare import Interrupted, compare_two_pass
 from moe_inspect.api import Inspector
-from moe_inspect.capture import capture
-from moe_inspect.loading import load
 from moe_inspect.metrics import routing_distribution
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.capture import capture
+from moe_inspect.model.loading import load
+from moe_inspect.model.options import LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = SAMPLE_TEXT * 2

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 import moe_inspect.api
 import moe_inspect.cli.common
-import moe_inspect.corpus
-import moe_inspect.loading
+import moe_inspect.io.corpus
+import moe_inspect.model.loading
 from moe_inspect.cli import app
-from moe_inspect.corpus import CorpusFile, CorpusReader, check_file, check_files
 from moe_inspect.errors import UserError
+from moe_inspect.io.corpus import CorpusFile, CorpusReader, check_file, check_files
 
 runner = CliRunner()
 cli_balance = importlib.import_module("moe_inspect.cli.balance")  # the package attribute is the command
@@ -73,7 +73,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli_balance, "load_for_cli", refuse)
     monkeypatch.setattr(moe_inspect.api, "load", refuse)
     monkeypatch.setattr(moe_inspect.api, "load_model", refuse)
-    monkeypatch.setattr(moe_inspect.loading, "load", refuse)
+    monkeypatch.setattr(moe_inspect.model.loading, "load", refuse)
 
 
 def _bad_corpus(tmp_path: Path, kind: str) -> str:
@@ -148,7 +148,7 @@ def test_check_file_messages_and_hash(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(UserError, match="at least one"):
         check_files([])
     # Multi-byte characters split across read blocks are fine; the hash and size are of the raw bytes.
-    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 3)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_BLOCK", 3)
     text = "na\u00efve \u65e5\u672c\u8a9e \U0001f600 caf\u00e9\r\n" * 5
     path = tmp_path / "utf8.txt"
     path.write_bytes(text.encode("utf-8"))
@@ -164,9 +164,9 @@ def test_stdin_is_streamed_never_spooled(monkeypatch: pytest.MonkeyPatch, tokeni
     """Standard input is read as it is used: a peek before the run is replayed, and max_tokens stops reading."""
     data = (SAMPLE_TEXT * 200).encode("utf-8")
     raw = io.BytesIO(data)
-    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(raw))
-    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 4096)
-    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 1024)
+    monkeypatch.setattr(moe_inspect.io.corpus.sys, "stdin", io.TextIOWrapper(raw))
+    monkeypatch.setattr(moe_inspect.io.corpus, "_BLOCK", 4096)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_TEXT_BLOCK", 1024)
     checked = check_file("-")
     assert checked.name == "-" and checked.path is None and raw.tell() == 0  # nothing read, nothing written
     reader = CorpusReader([checked], tokenizer, 16, 4, max_tokens=64)
@@ -183,7 +183,7 @@ def test_stdin_is_streamed_never_spooled(monkeypatch: pytest.MonkeyPatch, tokeni
 
 
 def check_file_from(data: bytes, monkeypatch: pytest.MonkeyPatch) -> CorpusFile:
-    monkeypatch.setattr(moe_inspect.corpus.sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    monkeypatch.setattr(moe_inspect.io.corpus.sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     return check_file("-")
 
 
@@ -247,7 +247,7 @@ def test_no_bos_when_the_tokenizer_adds_none() -> None:
 
 def test_packed_text_survives_block_boundaries(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read in small blocks (cut at line breaks), the windows still decode back to the text, in order."""
-    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 37)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_TEXT_BLOCK", 37)
     text = SAMPLE_TEXT + "a line without a final newline that is longer than one block of text"
     reader = _reader(tokenizer, [text], 16, batch_size=2)
     batches = list(reader.batches())
@@ -333,7 +333,7 @@ class _CountingTokenizer:
 def test_batches_are_streamed_lazily(
     tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lines: bool
 ) -> None:
-    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 500)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_TEXT_BLOCK", 500)
     path = tmp_path / "big.txt"
     path.write_text("".join(f"line {i} of a corpus that is much larger than one batch\n" for i in range(3000)))
     counting = _CountingTokenizer(tokenizer)
@@ -391,8 +391,8 @@ def test_the_check_hands_its_stream_to_the_batches(tokenizer: Any, lines: bool) 
 def test_stdin_handed_on_by_the_check_keeps_no_bytes(monkeypatch: pytest.MonkeyPatch, tokenizer: Any) -> None:
     """The run reads on from the check's stream, so standard input's peeked bytes are not kept for a replay."""
     data = (SAMPLE_TEXT * 200).encode("utf-8")
-    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 4096)
-    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 1024)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_BLOCK", 4096)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_TEXT_BLOCK", 1024)
     source = check_file_from(data, monkeypatch)
     assert source.stream is not None
     reader = CorpusReader([source], tokenizer, 16, 4)
@@ -414,8 +414,8 @@ def test_stdin_is_replayed_when_the_run_cannot_use_the_checked_stream(
 ) -> None:
     """A run of another window length starts a second reader, which sees the peeked bytes first."""
     data = (SAMPLE_TEXT * 20).encode("utf-8")
-    monkeypatch.setattr(moe_inspect.corpus, "_BLOCK", 4096)
-    monkeypatch.setattr(moe_inspect.corpus, "_TEXT_BLOCK", 1024)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_BLOCK", 4096)
+    monkeypatch.setattr(moe_inspect.io.corpus, "_TEXT_BLOCK", 1024)
     reader = CorpusReader([check_file_from(data, monkeypatch)], tokenizer, 16, 4)
     reader.check_long_enough()
     reader.seq_len = 32

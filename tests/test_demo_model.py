@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 import moe_inspect
 from moe_inspect.cli import app
-from moe_inspect.loading import load
-from moe_inspect.options import LoadOptions
-from moe_inspect.source import demo_model_path
+from moe_inspect.model.loading import load
+from moe_inspect.model.options import LoadOptions
+from moe_inspect.model.source import demo_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 

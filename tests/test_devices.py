@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_inspect.accumulate import BalanceAccumulator
-from moe_inspect.capture import RouterOutput
-from moe_inspect.routers import RouterSpec
+from moe_inspect.analysis.accumulate import BalanceAccumulator
+from moe_inspect.model.capture import RouterOutput
+from moe_inspect.model.routers import RouterSpec
 
 
 def _spec(index: int) -> RouterSpec:

@@ -17,8 +17,8 @@ from experts_truth import experts_module
 from tiny_seq2seq_vl import NLLB_CAPACITY_FRACTION, SWITCH_CAPACITY, save
 from typer.testing import CliRunner
 
-from moe_inspect.capture import capture
 from moe_inspect.cli import app
+from moe_inspect.model.capture import capture
 
 SOURCE = "The quick brown fox jumps over the lazy dog again and again"
 TARGET = "The fox"
@@ -184,6 +184,6 @@ def test_balance_and_generate_are_refused_in_one_sentence(inspectors) -> None:
 
 def inspectors_decoder_only_target() -> None:
     import moe_inspect
-    from moe_inspect.source import demo_model_path
+    from moe_inspect.model.source import demo_model_path
 
     moe_inspect.load(str(demo_model_path())).route("hi", target="there")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from moe_inspect.cli import app
 from moe_inspect.errors import UserError
-from moe_inspect.families import REFUSED
+from moe_inspect.model.families import REFUSED
 
 ROUTED_ELSEWHERE = {
     **{t: "tests/test_all_families.py" for t in moe_families()},

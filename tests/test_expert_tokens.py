@@ -14,10 +14,11 @@ from tiny_models import LINES
 from typer.testing import CliRunner
 
 import moe_inspect
-from moe_inspect import metrics, schemas
+from moe_inspect import metrics
 from moe_inspect.analysis.token_counts import TokenCounter
-from moe_inspect.capture import capture
 from moe_inspect.cli import app
+from moe_inspect.io import schemas
+from moe_inspect.model.capture import capture
 
 runner = CliRunner()
 

@@ -12,10 +12,10 @@ from cli_checks import assert_no_exception
 from typer.testing import CliRunner
 
 import moe_inspect
-from moe_inspect import schemas
-from moe_inspect.capture import capture
+from moe_inspect.analysis.tables import concat_calls
 from moe_inspect.cli import app
-from moe_inspect.tables import concat_calls
+from moe_inspect.io import schemas
+from moe_inspect.model.capture import capture
 
 PROMPT = "def add(a, b): return a + b"
 

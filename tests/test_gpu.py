@@ -16,9 +16,9 @@ import torch
 from experts_truth import experts_module
 
 import moe_inspect
-import moe_inspect.capture as capture_module
-from moe_inspect.accumulate import BalanceAccumulator
-from moe_inspect.capture import capture
+import moe_inspect.model.capture as capture_module
+from moe_inspect.analysis.accumulate import BalanceAccumulator
+from moe_inspect.model.capture import capture
 
 pytestmark = [
     pytest.mark.gpu,

@@ -17,7 +17,7 @@ import moe_inspect
 from moe_inspect.cli import app
 from moe_inspect.cli.options import with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -76,7 +76,7 @@ GRANITE_3B_A800M = {  # ibm-granite/granite-3.0-3b-a800m-base config.json, publi
 def test_active_params_non_embedding_reproduces_granite_800m() -> None:
     from transformers import GraniteMoeConfig
 
-    from moe_inspect.info import describe
+    from moe_inspect.analysis.info import describe
 
     info = describe(GraniteMoeConfig(**GRANITE_3B_A800M))
     assert info.tied_embeddings
@@ -90,7 +90,7 @@ def test_active_params_non_embedding_reproduces_granite_800m() -> None:
 def test_active_params_non_embedding_untied_subtracts_both() -> None:
     from transformers import MixtralConfig
 
-    from moe_inspect.info import describe
+    from moe_inspect.analysis.info import describe
 
     config = MixtralConfig(
         vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -106,7 +106,7 @@ def test_encoder_decoder_moe_gets_real_figures(tmp_path: Path) -> None:
     """Issue 17 replaced the refusal: per-stack layers and k from the routers, never 'top-0'."""
     from transformers import SwitchTransformersConfig
 
-    from moe_inspect.info import describe
+    from moe_inspect.analysis.info import describe
 
     config = SwitchTransformersConfig(
         vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=4, num_decoder_layers=4, num_heads=2, num_experts=4,
@@ -236,7 +236,7 @@ def test_cli_names_flags_where_the_library_names_arguments() -> None:
 
 
 def test_readme_schema_tables_match_schemas_py() -> None:
-    from moe_inspect.schemas import readme_drift
+    from moe_inspect.io.schemas import readme_drift
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert readme_drift(readme) == []

@@ -16,11 +16,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from moe_inspect.analysis.info import BYTES_PER_PARAM, ModelInfo, build_meta_model, describe
 from moe_inspect.cli.info import info
 from moe_inspect.errors import UserError
-from moe_inspect.info import BYTES_PER_PARAM, ModelInfo, build_meta_model, describe
+from moe_inspect.model.source import load_config
 from moe_inspect.render.info import layer_ranges, render_info
-from moe_inspect.source import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 JSON_KEYS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tiny_seq2seq_vl import seq2seq_config
 
-from moe_inspect.info import describe
+from moe_inspect.analysis.info import describe
 
 VOCAB_EMBED = 384 * 64  # tiny tokenizer's vocabulary x d_model, shared by both stacks and tied to the LM head
 ATTN = 4 * 64 * 64  # q, k, v, o

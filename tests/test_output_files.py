@@ -20,9 +20,9 @@ from cli_checks import assert_no_exception, assert_one_line_error
 from tiny_models import SAMPLE_TEXT
 from typer.testing import CliRunner
 
-from moe_inspect import schemas
-from moe_inspect.capture import capture
 from moe_inspect.cli import app
+from moe_inspect.io import schemas
+from moe_inspect.model.capture import capture
 from moe_inspect.render.balance import write_heatmap_png
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -12,9 +12,9 @@ import torch
 
 from moe_inspect.api import Inspector
 from moe_inspect.errors import UserError
-from moe_inspect.loading import LoadedModel
-from moe_inspect.loading import load as load_options
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.loading import LoadedModel
+from moe_inspect.model.loading import load as load_options
+from moe_inspect.model.options import LoadOptions
 
 
 def load(model: str | Path, **fields: object) -> LoadedModel:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from moe_inspect.cli import app
 from moe_inspect.cli.options import with_load_options
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 pytest.importorskip("bitsandbytes")
 runner = CliRunner()

@@ -16,12 +16,12 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from moe_inspect.api import Inspector
-from moe_inspect.capture import capture
-from moe_inspect.loading import LoadedModel
-from moe_inspect.loading import load as load_options
+from moe_inspect.model.capture import capture
 from moe_inspect.model.footprint import measure_footprint, predicted_footprints
+from moe_inspect.model.loading import LoadedModel
+from moe_inspect.model.loading import load as load_options
+from moe_inspect.model.options import LoadOptions
 from moe_inspect.model.quantize import QuantOptions, expert_param_names, routed_expert_modules
-from moe_inspect.options import LoadOptions
 
 # GPT-OSS stores its experts transposed ([E, H, 2I]) with 2-D biases beside them.
 FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
@@ -173,8 +173,8 @@ def test_capture_equals_router_outputs_and_expert_inputs(loads, family: str, mod
 @pytest.mark.parametrize("family", FAMILIES)
 def test_predicted_footprint_matches_the_load(loads, family: str) -> None:
     """info's prediction (from the meta model) equals the measured storage, buffers aside."""
-    from moe_inspect.info import build_meta_model
-    from moe_inspect.routers import find_routers
+    from moe_inspect.analysis.info import build_meta_model
+    from moe_inspect.model.routers import find_routers
 
     reference = loads(family, None)
     meta = build_meta_model(reference.model.config)
@@ -268,8 +268,8 @@ def test_info_json_predicts_mixtral_8x7b_by_hand() -> None:
     """Mixtral-8x7B's published config, worked by hand: 32 layers of experts gate_up [8, 28672, 4096] and down
     [8, 4096, 14336], attention q/o 4096² and k/v 1024 × 4096, all quantized; embeddings, LM head (32000 × 4096
     each), norms and the routers (8 × 4096 per layer) stay bf16."""
-    from moe_inspect.info import describe
-    from moe_inspect.source import load_config
+    from moe_inspect.analysis.info import describe
+    from moe_inspect.model.source import load_config
 
     config = Path(__file__).resolve().parent.parent / "fixtures" / "configs" / "mixtral-8x7b" / "config.json"
     info = describe(load_config(str(config))).to_dict()

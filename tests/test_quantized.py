@@ -8,9 +8,9 @@ import torch
 from experts_truth import experts_module
 from torch import nn
 
-from moe_inspect.capture import capture
-from moe_inspect.loading import load
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.capture import capture
+from moe_inspect.model.loading import load
+from moe_inspect.model.options import LoadOptions
 
 PROMPT = "def add(a, b): return a + b"
 # bitsandbytes' CPU 4-bit packing needs in_features >= 64 and out_features % 32 == 0; LongCat's tiny MLA is narrower.

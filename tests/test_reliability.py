@@ -43,7 +43,7 @@ def test_endless_stdin_is_streamed_and_stops_at_max_tokens(tmp_path: Path, tiny_
 def _report(tag: str) -> Any:
     import pandas as pd
 
-    from moe_inspect.balance import BalanceReport
+    from moe_inspect.analysis.balance import BalanceReport
 
     frame = pd.DataFrame({"run": [tag]})
     return BalanceReport(layers=frame, experts=frame, coactivation=frame, run={"tag": tag})
@@ -59,19 +59,19 @@ def _tags(folder: Path) -> set[str]:
 
 def test_a_reader_never_sees_files_of_two_runs(tmp_path: Path, monkeypatch: Any) -> None:
     """While run B writes, the folder still holds all of run A; afterwards all of B; other files stay."""
-    import moe_inspect.balance
+    import moe_inspect.analysis.balance
 
     out = tmp_path / "out"
     _report("A").write(out)
     (out / "load.png").write_bytes(b"png")
     seen: list[set[str]] = []
-    real = moe_inspect.balance.write_json
+    real = moe_inspect.analysis.balance.write_json
 
     def watching(data: Any, path: Any) -> Any:
         seen.append(_tags(out))  # B's CSVs are written by now; the reader must still see A alone
         return real(data, path)
 
-    monkeypatch.setattr(moe_inspect.balance, "write_json", watching)
+    monkeypatch.setattr(moe_inspect.analysis.balance, "write_json", watching)
     written = _report("B").write(out)
     assert seen == [{"A"}]
     assert _tags(out) == {"B"}
@@ -145,7 +145,7 @@ def test_partial_utf8_tokens_show_their_bytes(tmp_path: Path, tiny_dir: Any) -> 
 
 
 def test_byte_fallback_pieces_give_their_byte() -> None:
-    from moe_inspect.tokens import _piece_bytes, byte_label
+    from moe_inspect.io.tokens import _piece_bytes, byte_label
 
     assert _piece_bytes("<0xE6>") == b"\xe6"
     assert _piece_bytes("Ġthe") == b" the"
@@ -276,7 +276,7 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path: Path) -> None
 import os, signal, sys
 from pathlib import Path
 from moe_inspect.cli.common import exit_cleanly_on_sigterm
-from moe_inspect.export import replace_folder, write_csv
+from moe_inspect.io.export import replace_folder, write_csv
 import pandas as pd
 exit_cleanly_on_sigterm()
 def write(folder):

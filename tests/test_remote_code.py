@@ -40,8 +40,8 @@ def remote_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_remote_code_routers_found_heuristically(remote_dir: Path) -> None:
-    from moe_inspect.loading import load
-    from moe_inspect.options import LoadOptions
+    from moe_inspect.model.loading import load
+    from moe_inspect.model.options import LoadOptions
 
     with pytest.warns(UserWarning, match="matched heuristically"):
         loaded = load(LoadOptions(str(remote_dir), trust_remote_code=True))
@@ -56,7 +56,7 @@ def test_remote_code_routers_found_heuristically(remote_dir: Path) -> None:
         )
         for spec in loaded.routers
     ]
-    from moe_inspect.capture import capture
+    from moe_inspect.model.capture import capture
 
     ids = loaded.tokenizer("def add(a, b): return a + b", return_tensors="pt")["input_ids"]
     try:

@@ -8,9 +8,9 @@ from tiny_models import moe_families
 from torch import nn
 
 from moe_inspect.analysis.routing_pass import _CALLS_PER_FORWARD, routing_forward
-from moe_inspect.capture import RouterOutput, capture
-from moe_inspect.loading import LoadedModel, load
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.capture import RouterOutput, capture
+from moe_inspect.model.loading import LoadedModel, load
+from moe_inspect.model.options import LoadOptions
 
 FAMILIES = moe_families()
 

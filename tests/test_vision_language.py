@@ -16,9 +16,9 @@ from experts_truth import experts_module
 from tiny_seq2seq_vl import VL_TYPES, save
 from typer.testing import CliRunner
 
-from moe_inspect.capture import capture
 from moe_inspect.cli import app
-from moe_inspect.source import IMAGE_TEXT, load_config, model_kind
+from moe_inspect.model.capture import capture
+from moe_inspect.model.source import IMAGE_TEXT, load_config, model_kind
 
 TEXT = "def add(a, b): return a + b"
 
@@ -118,7 +118,7 @@ def test_generation_routes_through_the_language_model(vl) -> None:
 def test_info_counts_the_towers_apart(vl) -> None:
     from tiny_seq2seq_vl import vl_config
 
-    from moe_inspect.info import describe
+    from moe_inspect.analysis.info import describe
 
     info = describe(vl_config())
     visual = sum(p.numel() for p in vl.model.model.visual.parameters())

@@ -1,2 +1,2 @@
-"""Analyses over captured routing: accumulation, balance, comparison, ablation, placement, model outputs,
-token specialisation, engine records, distributed reduction."""
+"""Analyses over captured routing: accumulation, balance, route tables, info's counts, comparison, ablation,
+placement, model outputs, token specialisation, ingested engine records, data-parallel reduction."""

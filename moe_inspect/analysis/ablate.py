@@ -24,11 +24,11 @@ from moe_inspect.analysis.importance import ProxyAccumulator, importance_frame, 
 from moe_inspect.analysis.interventions import Rerouter, RoutingChange, reroutable_routers
 from moe_inspect.analysis.outputs import OutputHead, predicted_positions, token_losses
 from moe_inspect.analysis.run_info import environment, model_identity
-from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
-from moe_inspect.export import replace_folder, write_csv, write_json
-from moe_inspect.loading import LoadedModel
-from moe_inspect.schemas import ABLATION, ABLATION_LAYERS
+from moe_inspect.io.corpus import Batch
+from moe_inspect.io.export import replace_folder, write_csv, write_json
+from moe_inspect.io.schemas import ABLATION, ABLATION_LAYERS
+from moe_inspect.model.loading import LoadedModel
 
 #: progress(batch, passes done in this batch, passes per batch)
 Progress = Callable[[Batch, int, int], None]

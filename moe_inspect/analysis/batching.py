@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from moe_inspect.loading import LoadedModel
+    from moe_inspect.model.loading import LoadedModel
 
 CPU_TOKENS_PER_BATCH = 8192  # 4 x 2048, the old default, whatever the window length
 GPU_FREE_SHARE = 0.8  # of free device memory a batch may take; the rest absorbs allocator fragmentation

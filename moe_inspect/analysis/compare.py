@@ -31,11 +31,11 @@ from moe_inspect.analysis.compare_report import CompareReport as CompareReport
 from moe_inspect.analysis.compare_report import build_report
 from moe_inspect.analysis.outputs import OutputHead
 from moe_inspect.analysis.run_info import environment, model_identity
-from moe_inspect.capture import capture
-from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
-from moe_inspect.loading import LoadedModel
-from moe_inspect.routers import RouterSpec
+from moe_inspect.io.corpus import Batch
+from moe_inspect.model.capture import capture
+from moe_inspect.model.loading import LoadedModel
+from moe_inspect.model.routers import RouterSpec
 
 
 class Interrupted(UserError):

@@ -20,10 +20,10 @@ from moe_inspect.analysis.compare_record import (
 )
 from moe_inspect.analysis.compare_report import SUMS
 from moe_inspect.analysis.outputs import DecoderPass, OutputHead, logprobs_at, topk_logprobs
-from moe_inspect.capture import RouterOutput
-from moe_inspect.corpus import Batch
-from moe_inspect.loading import LoadedModel
-from moe_inspect.routers import RouterSpec
+from moe_inspect.io.corpus import Batch
+from moe_inspect.model.capture import RouterOutput
+from moe_inspect.model.loading import LoadedModel
+from moe_inspect.model.routers import RouterSpec
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

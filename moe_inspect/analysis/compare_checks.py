@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moe_inspect.errors import UserError
-from moe_inspect.routers import RouterSpec
+from moe_inspect.model.routers import RouterSpec
 
 
 def check_same_tokenizer(tokenizer_a: Any, tokenizer_b: Any) -> None:
@@ -48,8 +48,8 @@ def precheck_same_moe(
     """
     if (model_a, revision_a) == (model_b, revision_b):
         return
-    from moe_inspect.info import describe
-    from moe_inspect.source import load_config
+    from moe_inspect.analysis.info import describe
+    from moe_inspect.model.source import load_config
 
     shapes = []
     for model, revision in ((model_a, revision_a), (model_b, revision_b)):

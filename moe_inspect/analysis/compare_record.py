@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moe_inspect.routers import RouterSpec
+from moe_inspect.model.routers import RouterSpec
 
 #: Output log-probabilities kept per predicted position: A's top tokens, the KL's support with one "rest" bucket.
 OUTPUT_TOP = 64

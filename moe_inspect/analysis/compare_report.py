@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from moe_inspect import metrics, schemas
+from moe_inspect import metrics
 from moe_inspect.analysis.compare_record import OUTPUT_TOP
-from moe_inspect.export import replace_folder, write_csv, write_json
+from moe_inspect.io import schemas
+from moe_inspect.io.export import replace_folder, write_csv, write_json
 
 if TYPE_CHECKING:
     from moe_inspect.analysis.compare_batch import Comparer

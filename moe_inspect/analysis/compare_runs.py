@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moe_inspect import metrics, schemas
+from moe_inspect import metrics
 from moe_inspect.analysis.compare_report import share_columns, write_compare_folder
 from moe_inspect.errors import UserError
+from moe_inspect.io import schemas
 
 _NEEDED = ("run.json", "layers.csv", "experts.csv")
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
-from moe_inspect.export import _umask
-from moe_inspect.routers import RouterSpec
+from moe_inspect.io.corpus import Batch
+from moe_inspect.io.export import _umask
+from moe_inspect.model.routers import RouterSpec
 
 COLUMNS = ("sequence", "position", "token_id", "token", "layer", "experts_a", "experts_b", "same_set")
 

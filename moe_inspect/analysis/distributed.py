@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from moe_inspect.accumulate import BalanceAccumulator, _RouterState
+from moe_inspect.analysis.accumulate import BalanceAccumulator, _RouterState
 
 T = TypeVar("T")
 

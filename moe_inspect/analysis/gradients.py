@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from moe_inspect.analysis.importance import experts_module
-from moe_inspect.capture import RouterOutput, capture
 from moe_inspect.errors import UserError
-from moe_inspect.routers import RouterSpec
-from moe_inspect.schemas import GRADIENTS
+from moe_inspect.io.schemas import GRADIENTS
+from moe_inspect.model.capture import RouterOutput, capture
+from moe_inspect.model.routers import RouterSpec
 
 
 def expert_parameters(model: nn.Module, spec: RouterSpec) -> list[nn.Parameter]:

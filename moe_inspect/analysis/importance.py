@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from moe_inspect.errors import UserError
-from moe_inspect.routers import RouterSpec, moe_block
-from moe_inspect.schemas import IMPORTANCE
+from moe_inspect.io.schemas import IMPORTANCE
+from moe_inspect.model.routers import RouterSpec, moe_block
 
 PROXIES = ("frequency", "mean_weight", "output_norm_saliency")
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from moe_inspect.accumulate import RouterTotals
+from moe_inspect.analysis.accumulate import RouterTotals
+from moe_inspect.analysis.balance import BalanceReport
 from moe_inspect.analysis.run_info import package_versions
-from moe_inspect.balance import BalanceReport
+from moe_inspect.analysis.tables import coactivation_frame, drop_column, experts_frame, layers_frame
 from moe_inspect.io.engine_records import EngineRecord
-from moe_inspect.routers import RouterSpec
-from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
-from moe_inspect.tables import coactivation_frame, drop_column, experts_frame, layers_frame
+from moe_inspect.io.schemas import DEFAULT_CAPACITY_FACTORS
+from moe_inspect.model.routers import RouterSpec
 
 _ALWAYS_LAYERS = [
     "layer",

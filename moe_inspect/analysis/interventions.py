@@ -20,8 +20,8 @@ from torch import nn
 
 from moe_inspect import metrics
 from moe_inspect.errors import UserError
-from moe_inspect.families import facts_for
-from moe_inspect.routers import RouterSpec
+from moe_inspect.model.families import facts_for
+from moe_inspect.model.routers import RouterSpec
 
 DropPolicy = Literal["position", "probs"]
 
@@ -68,7 +68,7 @@ def reroutable_routers(routers: list[RouterSpec], model_type: str) -> list[Route
 
 
 def supported_families() -> list[str]:
-    from moe_inspect.families import FAMILIES
+    from moe_inspect.model.families import FAMILIES
 
     return sorted(name for name, facts in FAMILIES.items() if facts.reselect is not None)
 

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moe_inspect import metrics, schemas
+from moe_inspect import metrics
 from moe_inspect.analysis.placement import Placement, Policy, plan_placement
 from moe_inspect.errors import UserError
-from moe_inspect.export import replace_folder, write_csv, write_json, write_torch
+from moe_inspect.io import schemas
 from moe_inspect.io.engine_records import read_records
+from moe_inspect.io.export import replace_folder, write_csv, write_json, write_torch
 
 
 @dataclass

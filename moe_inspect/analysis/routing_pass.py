@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from moe_inspect.analysis.outputs import decoder_of
-from moe_inspect.routers import RouterSpec
+from moe_inspect.model.routers import RouterSpec
 
 if TYPE_CHECKING:
-    from moe_inspect.loading import LoadedModel
+    from moe_inspect.model.loading import LoadedModel
 
 # model -> {router paths: router calls one forward makes}, learnt from each model's first full routing pass
 _CALLS_PER_FORWARD: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], int]] = weakref.WeakKeyDictionary()

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moe_inspect.loading import LoadedModel
+    from moe_inspect.model.loading import LoadedModel
 
 _PACKAGES = ("moe-inspect", "torch", "transformers", "accelerate", "tokenizers", "bitsandbytes", "pandas")
 

@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moe_inspect import metrics, schemas
-from moe_inspect.capture import RouterOutput, Sink
-from moe_inspect.routers import RouterSpec
+from moe_inspect import metrics
+from moe_inspect.io import schemas
+from moe_inspect.model.capture import RouterOutput, Sink
+from moe_inspect.model.routers import RouterSpec
 
 _FIRST = 1 << 32  # the first-choice count lives in the high 32 bits (a corpus stays below 4e9 tokens)
 _LOW = _FIRST - 1

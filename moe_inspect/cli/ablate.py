@@ -11,7 +11,7 @@ import typer
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 if TYPE_CHECKING:
     from moe_inspect.api import Inspector
@@ -97,10 +97,10 @@ def ablate(
 
     from moe_inspect.analysis.ablate import build_plan
     from moe_inspect.analysis.interventions import check_request
-    from moe_inspect.corpus import Batch, CorpusReader, check_files
-    from moe_inspect.export import check_output
+    from moe_inspect.io.corpus import Batch, CorpusReader, check_files
+    from moe_inspect.io.export import check_output
+    from moe_inspect.model.source import check_seq_len, load_tokenizer, max_positions, resolve_model
     from moe_inspect.render.ablate import render_ablation
-    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
     if layers is not None and not importance:

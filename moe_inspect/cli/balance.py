@@ -11,8 +11,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.options import LoadOptions
-from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
+from moe_inspect.io.schemas import DEFAULT_CAPACITY_FACTORS
+from moe_inspect.model.options import LoadOptions
 
 BALANCE_EXAMPLES = """Examples:
 
@@ -79,15 +79,15 @@ def balance(
 ) -> None:
     """Measure per-layer expert load, routing entropy, balance and capacity drop rates over a corpus."""
     from moe_inspect.analysis import distributed
+    from moe_inspect.analysis.balance import check_capacity_factors
     from moe_inspect.analysis.batching import default_batch_size
-    from moe_inspect.balance import check_capacity_factors
     from moe_inspect.cli.heatmap import check_plot, need_matplotlib, save_report_and_heatmap
-    from moe_inspect.corpus import Batch, CorpusReader, check_files
-    from moe_inspect.export import check_output
+    from moe_inspect.io.corpus import Batch, CorpusReader, check_files
+    from moe_inspect.io.export import check_output
+    from moe_inspect.model.source import check_seq_len, load_tokenizer, max_positions, resolve_model
     from moe_inspect.render.balance import overall, render_balance
     from moe_inspect.render.extras import balance_page, balance_tables, render_balance_extras
     from moe_inspect.render.html import write_html
-    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
     if plot is not None:

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.text import Text
 
 from moe_inspect.errors import UserError
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 if TYPE_CHECKING:
     from moe_inspect.api import Inspector
@@ -98,7 +98,7 @@ class Output:
 
     def json(self, data: Any) -> None:
         """The one JSON document of a --json run, on stdout."""
-        from moe_inspect.export import json_ready
+        from moe_inspect.io.export import json_ready
 
         print(json.dumps(json_ready(data), indent=2, allow_nan=False))
 

@@ -12,10 +12,10 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 if TYPE_CHECKING:
-    from moe_inspect.corpus import CorpusReader
+    from moe_inspect.io.corpus import CorpusReader
 
 COMPARE_EXAMPLES = """Examples:
 
@@ -124,7 +124,7 @@ def compare(
     """Compare two models' routing of the same tokens (agreement, overlap, JS, load and output drift), or the
     expert loads of two `balance` runs. One model is in memory at a time unless --together.
     """
-    from moe_inspect.export import check_output
+    from moe_inspect.io.export import check_output
 
     output = Output(quiet, json_output)
     if out_dir is not None:
@@ -182,10 +182,10 @@ def _compare_models(
     from moe_inspect.analysis import distributed
     from moe_inspect.analysis.compare import Interrupted, check_same_tokenizer, precheck_same_moe
     from moe_inspect.analysis.compare_tokens import PerTokenWriter, check_target
-    from moe_inspect.corpus import CorpusReader, check_files
-    from moe_inspect.export import check_output
+    from moe_inspect.io.corpus import CorpusReader, check_files
+    from moe_inspect.io.export import check_output
+    from moe_inspect.model.source import check_seq_len, load_tokenizer, max_positions, resolve_model
     from moe_inspect.render.compare import render_compare
-    from moe_inspect.source import check_seq_len, load_tokenizer, max_positions, resolve_model
 
     if per_token is not None and distributed.enabled():
         raise UserError("--per-token is written by one process only: run compare without torchrun to write it.")

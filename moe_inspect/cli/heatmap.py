@@ -23,7 +23,7 @@ def need_matplotlib() -> None:
 
 def check_plot(plot: Path) -> None:
     """The ``--plot`` path can be written and names a format matplotlib writes."""
-    from moe_inspect.export import check_output
+    from moe_inspect.io.export import check_output
     from moe_inspect.render.balance import plot_format
 
     check_output(plot, "--plot")

@@ -10,7 +10,7 @@ import typer
 from moe_inspect.cli.common import Output, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
 from moe_inspect.errors import UserError
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 INFO_EXAMPLES = """Examples:
 
@@ -44,12 +44,12 @@ def info(
     """
     from transformers.utils import logging as hf_logging
 
-    from moe_inspect.export import check_output
-    from moe_inspect.info import describe
+    from moe_inspect.analysis.info import describe
+    from moe_inspect.io.export import check_output
+    from moe_inspect.model.source import load_config, resolve_model
     from moe_inspect.render.extras import info_page
     from moe_inspect.render.html import write_html
     from moe_inspect.render.info import render_info
-    from moe_inspect.source import load_config, resolve_model
 
     output = Output(quiet, json_output)
     if html is not None:

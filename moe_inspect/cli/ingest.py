@@ -11,7 +11,7 @@ import typer
 from moe_inspect.cli.common import Output, out, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt
 from moe_inspect.errors import UserError
-from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
+from moe_inspect.io.schemas import DEFAULT_CAPACITY_FACTORS
 
 INGEST_EXAMPLES = """Examples:
 
@@ -69,11 +69,11 @@ def ingest(
     json_output: JsonOpt = False,
 ) -> None:
     """Read SGLang expert-distribution dumps or vLLM/SGLang routed experts and report load like balance."""
+    from moe_inspect.analysis.balance import check_capacity_factors
     from moe_inspect.analysis.ingest import record_report
-    from moe_inspect.balance import check_capacity_factors
     from moe_inspect.cli.heatmap import check_plot, need_matplotlib, save_report_and_heatmap
-    from moe_inspect.export import check_output
     from moe_inspect.io.engine_records import read_records
+    from moe_inspect.io.export import check_output
     from moe_inspect.render.balance import render_balance
 
     output = Output(quiet, json_output)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from moe_inspect.errors import UserError
-from moe_inspect.options import DTYPE_NAMES, LoadOptions
+from moe_inspect.model.options import DTYPE_NAMES, LoadOptions
 
 MODEL_PANEL = "Model loading"
 

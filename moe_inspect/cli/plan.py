@@ -64,7 +64,7 @@ def plan(
 ) -> None:
     """Place experts (and replicas of hot ones) on GPUs with DeepSeek's EPLB; report load and traffic."""
     from moe_inspect.analysis.plan import load_source, run_plan
-    from moe_inspect.export import check_output
+    from moe_inspect.io.export import check_output
     from moe_inspect.render.plan import render_plan
 
     output = Output(quiet, json_output)

@@ -11,7 +11,7 @@ import typer
 from moe_inspect.cli.common import Output, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, parse_layers, with_load_options
 from moe_inspect.errors import UserError
-from moe_inspect.options import LoadOptions
+from moe_inspect.model.options import LoadOptions
 
 ROUTE_EXAMPLES = """Examples:
 
@@ -68,11 +68,11 @@ def route(
 ) -> None:
     """Show the token-to-expert table: for every token and MoE layer, the experts chosen and their weights.
     """
-    from moe_inspect.export import check_output, write_csv
+    from moe_inspect.io.export import check_output, write_csv
+    from moe_inspect.model.source import check_prompt_length, load_tokenizer, max_positions, resolve_model
     from moe_inspect.render.extras import route_page
     from moe_inspect.render.html import write_html
     from moe_inspect.render.route import render_route
-    from moe_inspect.source import check_prompt_length, load_tokenizer, max_positions, resolve_model
 
     output = Output(quiet, json_output)
     text = _strip_one_newline(sys.stdin.read()) if prompt == "-" else prompt

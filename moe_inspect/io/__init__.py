@@ -1,1 +1,2 @@
-"""Reading and writing files: table schemas, atomic export, serving-engine routing records."""
+"""Formats, at the bottom with metrics: table schemas, atomic export, the corpus reader, token text and the
+serving engines' routing records. Nothing here loads a model."""

@@ -1,2 +1,2 @@
-"""The model stage: where a checkpoint becomes a model in memory (source, loading, routers, families, capture,
-quantization). Modules move here one at a time; the flat ones still live in ``moe_inspect/``."""
+"""The model stage: where a checkpoint becomes a model in memory and its routers are read (source, options,
+loading, families, routers, capture, quantization, footprint)."""

@@ -23,7 +23,7 @@ from moe_inspect.model.quantize import (
     quantized_names,
     routed_expert_modules,
 )
-from moe_inspect.routers import RouterSpec
+from moe_inspect.model.routers import RouterSpec
 from moe_inspect.units import human_bytes
 
 _QUANTIZED_DTYPES = {torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2}

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from moe_inspect.errors import UserError
-from moe_inspect.options import QUANT_TYPES, LoadOptions
-from moe_inspect.routers import RouterSpec, find_routers, moe_block, router_linear_names
+from moe_inspect.model.options import QUANT_TYPES, LoadOptions
+from moe_inspect.model.routers import RouterSpec, find_routers, moe_block, router_linear_names
 
 # bitsandbytes' defaults for parameters: 64-element blocks for 4-bit absmax, 256 absmax values per nested block.
 BNB_BLOCKSIZE = 64
@@ -122,7 +122,7 @@ def _skeleton(model_id: str, revision: str | None, trust_remote_code: bool) -> n
     """The model built on the meta device: module names without reading or allocating any weight."""
     from transformers import AutoConfig
 
-    from moe_inspect.source import skeleton_model
+    from moe_inspect.model.source import skeleton_model
 
     config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     with torch.device("meta"):

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from moe_inspect.families import facts_for
-from moe_inspect.routers import RouterSpec, parent_module, safe_getattr
-from moe_inspect.source import text_config
+from moe_inspect.model.families import facts_for
+from moe_inspect.model.routers import RouterSpec, parent_module, safe_getattr
+from moe_inspect.model.source import text_config
 
 _GROUP_ATTRS = ("num_group", "n_group", "num_expert_group")
 _SCALE_ATTRS = (

@@ -17,11 +17,11 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from moe_inspect.balance import BalanceReport
+from moe_inspect.analysis.balance import BalanceReport
+from moe_inspect.analysis.tables import drop_column
 from moe_inspect.errors import UserError
-from moe_inspect.export import atomic_path
-from moe_inspect.schemas import router_label
-from moe_inspect.tables import drop_column
+from moe_inspect.io.export import atomic_path
+from moe_inspect.io.schemas import router_label
 
 # log2(share * E) buckets from cold to hot; the middle one is "about uniform". Each bucket has a colour for
 # 256-colour/true-colour terminals, a distinct one of the 16 standard colours (hex colours collapse there, two

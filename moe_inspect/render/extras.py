@@ -13,11 +13,11 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from moe_inspect.balance import BalanceReport
-from moe_inspect.info import ModelInfo
+from moe_inspect.analysis.balance import BalanceReport
+from moe_inspect.analysis.info import ModelInfo
+from moe_inspect.model.routers import RouterSpec
 from moe_inspect.render.html import balance_html, info_html, route_html
 from moe_inspect.render.tokens import render_expert_tokens
-from moe_inspect.routers import RouterSpec
 
 
 def balance_tables(report: BalanceReport) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from moe_inspect.schemas import router_label
-from moe_inspect.tokens import byte_label, label_bytes
+from moe_inspect.io.schemas import router_label
+from moe_inspect.io.tokens import byte_label, label_bytes
 from moe_inspect.units import layer_ranges
 
 # Distinct, readable colours; an expert keeps its colour in every cell so patterns stand out.

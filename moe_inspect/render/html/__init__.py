@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_inspect.export import write_text
+from moe_inspect.io.export import write_text
 from moe_inspect.render.html.ablate import ablate_html
 from moe_inspect.render.html.balance import balance_html
 from moe_inspect.render.html.compare import compare_html

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from moe_inspect import schemas
-from moe_inspect.capture import capture
+from moe_inspect.analysis.tables import route_frame
 from moe_inspect.errors import UserError
-from moe_inspect.loading import LoadedModel, decoder_start_id
-from moe_inspect.tables import route_frame
-from moe_inspect.tokens import token_bytes
+from moe_inspect.io import schemas
+from moe_inspect.io.tokens import token_bytes
+from moe_inspect.model.capture import capture
+from moe_inspect.model.loading import LoadedModel, decoder_start_id
 
 
 def decoder_ids(loaded: LoadedModel, target: str | None) -> list[int]:

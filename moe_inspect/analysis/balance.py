@@ -10,21 +10,21 @@ from typing import Any
 
 import pandas as pd
 
-from moe_inspect.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.analysis import distributed
+from moe_inspect.analysis.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.analysis.batching import BatchMemory
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.run_info import environment, model_identity
 from moe_inspect.analysis.run_info import package_versions as package_versions
+from moe_inspect.analysis.tables import coactivation_frame, experts_frame, layers_frame
 from moe_inspect.analysis.token_counts import TokenCounter, expert_tokens_frame, fan_out, vocab_frame
-from moe_inspect.capture import capture
-from moe_inspect.corpus import Batch
 from moe_inspect.errors import UserError
-from moe_inspect.export import replace_folder, write_csv, write_json
-from moe_inspect.loading import LoadedModel
+from moe_inspect.io.corpus import Batch
+from moe_inspect.io.export import replace_folder, write_csv, write_json
+from moe_inspect.io.schemas import DEFAULT_CAPACITY_FACTORS
+from moe_inspect.model.capture import capture
+from moe_inspect.model.loading import LoadedModel
 from moe_inspect.model.quantize import no_grad_context
-from moe_inspect.schemas import DEFAULT_CAPACITY_FACTORS
-from moe_inspect.tables import coactivation_frame, experts_frame, layers_frame
 
 Progress = Callable[[Batch], None]
 

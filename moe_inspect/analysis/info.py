@@ -37,10 +37,9 @@ import torch
 from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
-from moe_inspect.families import capacity_notes, facts_for
+from moe_inspect.model.families import capacity_notes, facts_for
 from moe_inspect.model.footprint import predicted_footprints
-from moe_inspect.model.routing_rule import routing_rule as routing_rule
-from moe_inspect.routers import (
+from moe_inspect.model.routers import (
     EXPERT_COUNT_ATTRS,
     SHARED_ATTRS,
     RouterSpec,
@@ -49,7 +48,8 @@ from moe_inspect.routers import (
     int_attr,
     moe_block,
 )
-from moe_inspect.source import first_line, load_config, text_config
+from moe_inspect.model.routing_rule import routing_rule as routing_rule
+from moe_inspect.model.source import first_line, load_config, text_config
 
 # Bytes per parameter for weight-memory estimates (weights only: no scales, KV cache or activations).
 BYTES_PER_PARAM: dict[str, float] = {"fp32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
@@ -153,7 +153,7 @@ def build_meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
 
     model_type = getattr(config, "model_type", "unknown")
     if getattr(config, "is_encoder_decoder", False):  # seq2seq: the class that loads it (NLLB-MoE has no auto class)
-        from moe_inspect.source import skeleton_model
+        from moe_inspect.model.source import skeleton_model
 
         with torch.device("meta"):
             return skeleton_model(config, trust_remote_code)

@@ -12,12 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moe_inspect import metrics, schemas
-from moe_inspect.accumulate import RouterTotals
-from moe_inspect.capture import RouterOutput
+from moe_inspect import metrics
+from moe_inspect.analysis.accumulate import RouterTotals
+from moe_inspect.io import schemas
+from moe_inspect.io.tokens import hex_label
 from moe_inspect.metrics import router_entropy
-from moe_inspect.routers import RouterSpec
-from moe_inspect.tokens import hex_label
+from moe_inspect.model.capture import RouterOutput
+from moe_inspect.model.routers import RouterSpec
 
 
 def _frame(schema: schemas.Schema, columns: dict[str, np.ndarray | list]) -> pd.DataFrame:

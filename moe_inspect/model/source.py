@@ -24,10 +24,11 @@ _POSITION_ATTRS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq
 
 def demo_model_path() -> Path:
     """The shipped demo model: inside the installed package, or in the source tree's fixtures/."""
-    packaged = Path(__file__).parent / "demo_model"
+    package = Path(__file__).resolve().parent.parent  # moe_inspect/
+    packaged = package / "demo_model"
     if (packaged / "config.json").is_file():
         return packaged
-    return Path(__file__).resolve().parent.parent / "fixtures" / "demo-model"
+    return package.parent / "fixtures" / "demo-model"
 
 
 def resolve_model(model: str | None) -> tuple[str, bool]:

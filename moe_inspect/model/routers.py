@@ -18,16 +18,16 @@ import torch
 from torch import nn
 
 from moe_inspect.errors import NotMoEError
-from moe_inspect.families import (
+from moe_inspect.io.schemas import router_label
+from moe_inspect.metrics import Scoring
+from moe_inspect.model.families import (
     ROUTER_PARSERS,
     Parser,
     facts_for,
     null_expert_count,
     scoring_for,
 )
-from moe_inspect.metrics import Scoring
-from moe_inspect.schemas import router_label
-from moe_inspect.source import text_config
+from moe_inspect.model.source import text_config
 
 EXPERT_COUNT_ATTRS = (
     "num_experts",

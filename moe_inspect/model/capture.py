@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moe_inspect.metrics import routing_distribution
-from moe_inspect.routers import RouterSpec
+from moe_inspect.model.routers import RouterSpec
 
 
 @dataclass

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from moe_inspect import metrics
-from moe_inspect.capture import RouterOutput
-from moe_inspect.routers import RouterSpec
+from moe_inspect.model.capture import RouterOutput
+from moe_inspect.model.routers import RouterSpec
 
 
 @dataclass
