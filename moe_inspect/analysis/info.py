@@ -39,12 +39,12 @@ from torch import nn
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.model.families import capacity_notes, facts_for
 from moe_inspect.model.footprint import predicted_footprints
+from moe_inspect.model.heuristic_routers import find_routers_structural
 from moe_inspect.model.routers import (
     EXPERT_COUNT_ATTRS,
     SHARED_ATTRS,
     RouterSpec,
     find_routers,
-    find_routers_structural,
     int_attr,
     moe_block,
 )

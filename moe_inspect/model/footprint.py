@@ -16,13 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_inspect.model.quantize import (
-    BNB_BLOCKSIZE,
-    BNB_NESTED_BLOCKSIZE,
-    Int8RowwiseParametrization,
-    quantized_names,
-    routed_expert_modules,
-)
+from moe_inspect.model.bnb_experts import BNB_BLOCKSIZE, BNB_NESTED_BLOCKSIZE, Int8RowwiseParametrization
+from moe_inspect.model.quantize import quantized_names, routed_expert_modules
 from moe_inspect.model.routers import RouterSpec
 from moe_inspect.units import human_bytes
 

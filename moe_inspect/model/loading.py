@@ -17,10 +17,11 @@ from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.model.capture import capture
 from moe_inspect.model.families import capacity_notes, check_supported
 from moe_inspect.model.footprint import measure_footprint, quantization_report
+from moe_inspect.model.heuristic_routers import find_routers_heuristic
 from moe_inspect.model.options import DTYPE_NAMES, LoadOptions
 from moe_inspect.model.prequantized import checkpoint_quantization, prequantized_note
 from moe_inspect.model.quantize import QuantOptions, no_grad_context, quantization_config, quantized_forward_error
-from moe_inspect.model.routers import RouterSpec, find_routers, find_routers_heuristic
+from moe_inspect.model.routers import RouterSpec, find_routers
 from moe_inspect.model.source import (
     IMAGE_TEXT,
     SEQ2SEQ,
