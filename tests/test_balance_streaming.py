@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +21,7 @@ from typer.testing import CliRunner
 
 from moe_inspect.analysis.accumulate import BalanceAccumulator
 from moe_inspect.analysis.balance import BalanceReport
+from moe_inspect.analysis.interrupts import interrupts_deferred
 from moe_inspect.api import Inspector
 from moe_inspect.cli import app
 from moe_inspect.io.corpus import Batch
@@ -156,3 +160,16 @@ def test_memory_does_not_grow_with_the_corpus(tiny_inspector) -> None:
     (count_4, bytes_4), (count_40, bytes_40) = seen[4], seen[40]
     assert count_40 == count_4, (count_4, count_40)
     assert bytes_40 == bytes_4, (bytes_4, bytes_40)
+
+
+def test_ctrl_c_during_a_commit_arrives_after_it() -> None:
+    """A SIGINT inside the commit block is held back until the block ends, then raised as usual."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the signal has been delivered to the holding handler by now
+            done.append("commit")
+        done.append("after")  # never reached
+    assert done == ["commit"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
