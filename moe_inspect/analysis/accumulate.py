@@ -44,13 +44,18 @@ class RouterTotals:
     dropped: dict[float, int] = field(default_factory=dict)
 
 
+def _has_logits(spec: RouterSpec) -> bool:
+    """Routers returning probabilities (Gemma-4) or product keys (Doge) have no logits for z-loss and aux loss."""
+    return spec.scoring not in ("probabilities", "product_key")
+
+
 class _RouterState:
     """Device-side sums for one router, allocated on the first call (on the device its outputs live on)."""
 
     def __init__(self, spec: RouterSpec, capacity_factors: tuple[float, ...], device: torch.device) -> None:
         c, e = spec.num_columns, spec.num_experts
         self.spec = spec
-        self.has_logits = spec.scoring not in ("probabilities", "product_key")
+        self.has_logits = _has_logits(spec)
         z = {"device": device}
         self.count = torch.zeros(c, dtype=torch.int64, **z)
         self.first = torch.zeros(c, dtype=torch.int64, **z)
@@ -158,7 +163,7 @@ class BalanceAccumulator:
             )
         maskf = mask.to(torch.float32)
         c, e, k = spec.num_columns, spec.num_experts, out.experts.shape[1]
-        has_logits = spec.scoring not in ("probabilities", "product_key")
+        has_logits = _has_logits(spec)
         experts = torch.where(mask.unsqueeze(-1), out.experts, -1)
         weights = out.weights.float() * maskf.unsqueeze(-1)
         weight_sum = torch.zeros(c, dtype=torch.float64, device=device)
