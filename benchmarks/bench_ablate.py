@@ -76,6 +76,7 @@ def main() -> None:
                 rerouter.begin_batch(b.attention_mask)
                 with rerouter.active():
                     token_losses(head, head.decode(b.input_ids, b.attention_mask, pos))
+                rerouter.end_batch()
 
         return run
 

@@ -84,12 +84,18 @@ def timing(rounds: int, batches: int, batch_size: int, seq_len: int, device: str
             super().__call__(spec, out)
             self.spent += time.perf_counter() - start
 
+        def end_batch(self) -> None:
+            start = time.perf_counter()
+            super().end_batch()
+            self.spent += time.perf_counter() - start
+
     def with_capture() -> None:
         accumulator = TimedAccumulator(routers)
         with capture(routers, sink=accumulator, keep=False):
             for ids in data:
                 accumulator.begin_batch(mask_cpu)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
+                accumulator.end_batch()
         accumulator.finish()
         hook_seconds.append(accumulator.spent)
 

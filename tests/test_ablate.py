@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -279,6 +280,42 @@ def test_ctrl_c_keeps_the_completed_batches(tiny_dir) -> None:
     assert calls[:3] == [(2, 3), (3, 3), (2, 3)]
     assert report.partial and report.run["batches"] == 1
     assert report.ablation["loss"].tolist() == full.ablation["loss"].tolist()
+
+
+@pytest.mark.parametrize("stop", ["capacity pass", "gradient pass"])
+def test_ctrl_c_inside_a_pass_keeps_exactly_the_finished_batches(stop: str, tiny_dir) -> None:
+    """Ctrl-C inside the last router in a later pass of batch 2: every table equals a clean run over batch 1.
+
+    Batch 2's earlier passes did run (drop counts of top-k=1, importance proxies, and before the gradient pass
+    every removal); none of it may count (caught: committing the proxies' sums in their hook).
+    """
+    insp = moe_inspect.load(str(tiny_dir("mixtral")))
+    last = insp.loaded.routers[-1]
+    options = {
+        "seq_len": 24, "batch_size": 1, "top_k": [1], "capacity_factors": [1.0], "importance": True,
+        "layers": [last.layer], "gradients": True,
+    }
+    passes = 1 + 2 + last.num_experts + 1  # baseline, two settings, one removal per expert, forward-backward
+    calls = {"n": 0, "at": passes + (3 if stop == "capacity pass" else passes)}
+
+    def ctrl_c(_module, _args, _out) -> None:
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            raise KeyboardInterrupt
+
+    handle = last.module.register_forward_hook(ctrl_c)
+    try:
+        partial = insp.ablate(TEXTS, **options)
+    finally:
+        handle.remove()
+    assert calls["n"] == calls["at"]
+    clean = insp.ablate(TEXTS, **options, max_tokens=24)
+    assert partial.partial and not clean.partial
+    assert partial.run["batches"] == clean.run["batches"] == 1
+    assert partial.run["predicted_tokens"] == clean.run["predicted_tokens"]
+    for name in ("ablation", "layers", "importance", "gradients", "spearman"):
+        pd.testing.assert_frame_equal(getattr(partial, name), getattr(clean, name), obj=name)
+    assert partial.layers["tokens"].tolist() == [24] * len(partial.layers)  # one batch of 24 real tokens
 
 
 def test_cli_json_is_one_document_and_quiet_prints_nothing(tiny_dir, tmp_path: Path) -> None:

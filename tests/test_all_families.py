@@ -207,6 +207,7 @@ def _check_capture(loaded: LoadedModel, batch: dict[str, torch.Tensor], padding_
     accumulator.begin_batch(batch["attention_mask"])
     for spec, out in zip(loaded.routers, captured, strict=True):
         accumulator(spec, out)
+    accumulator.end_batch()
     for totals, out in zip(accumulator.finish(), captured, strict=True):
         real = out.experts[mask]
         expected = torch.bincount(real.reshape(-1), minlength=totals.spec.num_columns).numpy()

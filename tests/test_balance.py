@@ -418,6 +418,7 @@ def test_uniform_routing_gives_the_textbook_values() -> None:
     accumulator = BalanceAccumulator([spec], capacity_factors=(1.0,))
     accumulator.begin_batch(mask)
     accumulator(spec, RouterOutput(logits.reshape(-1, e), experts.reshape(-1, k), weights.reshape(-1, k)))
+    accumulator.end_batch()
     totals = accumulator.finish()
     row = layers_frame(totals, (1.0,)).iloc[0]
     assert row["tokens"] == 8

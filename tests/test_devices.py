@@ -43,6 +43,7 @@ def test_each_router_accumulates_on_its_own_device() -> None:
         accumulator(routers[1], _output("meta", 12, generator))
         meta_mask = accumulator._masks[torch.device("meta")]
         accumulator(routers[2], _output("meta", 12, generator))
+        accumulator.end_batch()
         assert accumulator._masks[torch.device("meta")] is meta_mask  # one mask copy per device and batch
         assert set(accumulator._masks) == {torch.device("cpu"), torch.device("meta")}
         count += torch.bincount(cpu.experts[real].reshape(-1), minlength=8)

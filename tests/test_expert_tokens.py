@@ -110,11 +110,17 @@ def test_token_layers_limit_the_counting(mixtral_dir: Path, tmp_path: Path) -> N
 def test_counter_rows_never_exceed_the_vocabulary() -> None:
     counter = TokenCounter([], vocab_size=300)
     counter.begin_batch(torch.arange(200).view(2, 100), torch.ones(2, 100, dtype=torch.long))
+    counter.end_batch()
     assert counter._capacity == 256
     counter.begin_batch(torch.arange(100, 300).view(2, 100), torch.ones(2, 100, dtype=torch.long))
+    counter.end_batch()
     assert counter._capacity == 300  # not 512
     counter.begin_batch(torch.tensor([[5, 299]]), torch.tensor([[1, 0]]))  # pads are never counted
+    counter.end_batch()
     assert len(counter._ids) == 300
+    counter.begin_batch(torch.tensor([[300, 7]]), torch.tensor([[1, 1]]))  # a batch that never finished
+    assert len(counter._ids) == 301
+    assert counter.finish() == [] and len(counter._ids) == 300  # its new id is forgotten again
 
 
 def test_vocab_specialization_random_baseline() -> None:
@@ -139,6 +145,7 @@ def test_token_counter_does_not_sync_with_the_host_and_matches_cpu(mixtral_dir: 
     counter.begin_batch(batch.input_ids, batch.attention_mask)
     for spec, calls in zip(insp.loaded.routers, cap.calls, strict=True):  # warm-up: state allocation
         counter(spec, calls[0])
+    counter.end_batch()
     counter.begin_batch(batch.input_ids, batch.attention_mask)
     counter._rows_on(torch.device("cuda", torch.cuda.current_device()))  # the one copy per batch
     torch.cuda.synchronize()
@@ -146,6 +153,7 @@ def test_token_counter_does_not_sync_with_the_host_and_matches_cpu(mixtral_dir: 
     try:
         for spec, calls in zip(insp.loaded.routers, cap.calls, strict=True):
             counter(spec, calls[0])
+        counter.end_batch()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     totals = counter.finish()

@@ -67,7 +67,7 @@ def test_capture_and_accumulator_do_not_sync_inside_the_forward(
     sync debug mode set to raise, inside the capture; only the one mask copy per batch and device is left out.
     """
     insp = moe_inspect.load(str(tiny_dir("deepseek_v3")), device="cuda")
-    calls = {"parse": 0, "accumulate": 0}
+    calls = {"parse": 0, "accumulate": 0, "commit": 0}
     real_parse = capture_module.parse_output
     real_call = BalanceAccumulator.__call__
 
@@ -83,11 +83,20 @@ def test_capture_and_accumulator_do_not_sync_inside_the_forward(
             return real_call(self, spec, out)
 
     monkeypatch.setattr(capture_module, "parse_output", checked_parse)
+    real_end = BalanceAccumulator.end_batch
+
+    def checked_end(self):
+        calls["commit"] += 1
+        with _sync_errors():  # the batch's sums are added into the totals on the device
+            return real_end(self)
+
     monkeypatch.setattr(BalanceAccumulator, "__call__", checked_call)
+    monkeypatch.setattr(BalanceAccumulator, "end_batch", checked_end)
     report = insp.balance(TEXT, seq_len=32, batch_size=4)
     batches = report.run["batches"]
     assert batches > 1
-    assert calls == {"parse": batches * len(insp.loaded.routers), "accumulate": batches * len(insp.loaded.routers)}
+    routed = batches * len(insp.loaded.routers)
+    assert calls == {"parse": routed, "accumulate": routed, "commit": batches}
     cpu = moe_inspect.load(str(tiny_dir("deepseek_v3")), device="cpu").balance(TEXT, seq_len=32, batch_size=4)
     assert report.layers["tokens"].tolist() == cpu.layers["tokens"].tolist()
 

@@ -232,6 +232,55 @@ def test_compare_report_from_synthetic_frames(tmp_path: Path, browser: Browser) 
     _assert_not_blank(browser.screenshot(tmp_path / "compare.png"))
 
 
+# Every y-axis label of every chart: its box, its svg's box, the label and its tooltip (if cut).
+_Y_LABELS = """[...document.querySelectorAll('svg text.ytick')].map(function(t){
+  var l=t.getBoundingClientRect(), s=t.ownerSVGElement.getBoundingClientRect(), tip=t.querySelector('title');
+  var shown=[...t.childNodes].filter(function(n){return n.nodeType===3;}).map(function(n){return n.data;});
+  return {text: shown.join(''), tip: tip ? tip.textContent : null, left: l.left, right: l.right,
+          svg_left: s.left, svg_right: s.right, width: l.width};})"""
+
+
+def _assert_y_labels_inside(browser: Browser) -> list[dict]:
+    labels = browser.evaluate(_Y_LABELS)
+    assert labels
+    for label in labels:
+        assert label["width"] > 0, label
+        assert label["svg_left"] <= label["left"] and label["right"] <= label["svg_right"], label
+    return labels
+
+
+def test_compare_divergence_chart_fits_long_y_labels(tmp_path: Path, browser: Browser) -> None:
+    """Small divergences print as long labels (0.000184): each lies inside its svg (caught: the fixed 44 px
+    left margin, which clipped them)."""
+    layers_df = pd.DataFrame(
+        {"layer": [0, 1, 2], "first_choice_agreement": [0.9999, 0.9998, 0.99995],
+         "routing_js": [1.23e-05, 0.000184, 2.5e-06], "load_tv": [0.000123, 4.56e-05, 0.000101],
+         "load_js": [-1.2e-07, 3.3e-06, 7.7e-07]}
+    )
+    page = write_html(compare_html(layers_df, pd.DataFrame()), tmp_path / "compare.html")
+    browser.open(page)
+    _assert_clean(browser)
+    labels = _assert_y_labels_inside(browser)
+    assert {"0.000184", "-1.2e-07"} <= {label["text"] for label in labels}
+
+
+def test_line_chart_cuts_labels_past_a_sane_width_with_a_tooltip(tmp_path: Path, browser: Browser) -> None:
+    from moe_inspect.render.html.charts import line_chart
+    from moe_inspect.render.html.page import document
+
+    chart = line_chart(
+        [0, 1, 2], {"rate": [1.0, 25000.0, 123456.0]}, "Throughput", y_format="{:,.0f} tokens per second".format
+    )
+    page = tmp_path / "chart.html"
+    page.write_text(document("chart", chart), encoding="utf-8")
+    browser.open(page)
+    _assert_clean(browser)
+    labels = _assert_y_labels_inside(browser)
+    assert [(label["text"], label["tip"]) for label in labels] == [
+        ("123,456 tok…", "123,456 tokens per second"), ("1 tokens pe…", "1 tokens per second")
+    ]
+
+
 def test_ablate_report_from_synthetic_frames(tmp_path: Path, browser: Browser) -> None:
     ablation = pd.DataFrame(
         {"setting": ["baseline", "top-k=1", "drop-experts=*:3", "capacity-factor=1.0"], "layers": ["", "*", "*", "*"],

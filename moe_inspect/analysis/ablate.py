@@ -3,8 +3,9 @@
 Batches are read once. For each batch the baseline runs first, then every setting, then every expert removal
 of ``importance``, then the gradient pass, so all figures share exactly the same tokens. Losses come from
 ``analysis.outputs.token_losses`` (decoder once, head on chunks of positions, no [B, S, V] logits) and stay
-on the device as float64 sums until the end; a batch's sums are committed only once all its passes ran, so
-Ctrl-C leaves consistent partial figures.
+on the device as float64 sums until the end. A batch is atomic: its losses, drop counts, importance proxies
+and gradient figures are all committed together once all its passes ran, so Ctrl-C (even inside a pass)
+leaves every table at exactly the finished batches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from moe_inspect.analysis.gradients import GradientAccumulator
 from moe_inspect.analysis.importance import ProxyAccumulator, importance_frame, proxy_spearman
+from moe_inspect.analysis.interrupts import interrupts_deferred
 from moe_inspect.analysis.interventions import Rerouter, RoutingChange, reroutable_routers
 from moe_inspect.analysis.outputs import OutputHead, predicted_positions, token_losses
 from moe_inspect.analysis.run_info import environment, model_identity
@@ -153,12 +155,18 @@ def run_ablation(
                     grad_loss = token_losses(head, head.decode(ids, mask, positions))[0]
                     if count:
                         (grad_loss / count).backward()
-                    grads.add_batch(count)
             stacked = torch.stack(batch_sums)
-            sums = stacked if sums is None else sums + stacked
-            predicted += count
-            tokens += batch.tokens
-            batches_done += 1
+            with interrupts_deferred():  # the batch counts in every figure, or (Ctrl-C before here) in none
+                for rerouter in [*reroutes, *removal_reroutes]:
+                    rerouter.end_batch()
+                if proxies is not None:
+                    proxies.end_batch()
+                if grads is not None:
+                    grads.add_batch(count)
+                sums = stacked if sums is None else sums + stacked
+                predicted += count
+                tokens += batch.tokens
+                batches_done += 1
             if progress is not None:
                 progress(batch, passes, passes)
     except KeyboardInterrupt:

@@ -3,6 +3,10 @@
 Every batch adds into fixed-size tensors ([C], [E, E], scalars), so memory does not grow with the
 corpus. Pad rows are neutralised arithmetically (expert id -1, weight 0) rather than by boolean
 indexing, which would synchronise. The host sees the tensors once, in ``finish``.
+
+Batches are atomic: each router call only computes the batch's own sums (tensors it would compute anyway),
+and ``end_batch`` adds them into the totals once the whole forward ran. A forward stopped half-way (Ctrl-C
+inside a later layer) therefore leaves every router's totals at the finished batches, never a mix.
 """
 
 from __future__ import annotations
@@ -40,13 +44,18 @@ class RouterTotals:
     dropped: dict[float, int] = field(default_factory=dict)
 
 
+def _has_logits(spec: RouterSpec) -> bool:
+    """Routers returning probabilities (Gemma-4) or product keys (Doge) have no logits for z-loss and aux loss."""
+    return spec.scoring not in ("probabilities", "product_key")
+
+
 class _RouterState:
     """Device-side sums for one router, allocated on the first call (on the device its outputs live on)."""
 
     def __init__(self, spec: RouterSpec, capacity_factors: tuple[float, ...], device: torch.device) -> None:
         c, e = spec.num_columns, spec.num_experts
         self.spec = spec
-        self.has_logits = spec.scoring not in ("probabilities", "product_key")
+        self.has_logits = _has_logits(spec)
         z = {"device": device}
         self.count = torch.zeros(c, dtype=torch.int64, **z)
         self.first = torch.zeros(c, dtype=torch.int64, **z)
@@ -60,14 +69,58 @@ class _RouterState:
         self.aux_prob: torch.Tensor | None = None
         self.tokens = 0
 
+    def add(self, part: _BatchSums, tokens: int) -> None:
+        """Commit one finished batch's sums (same devices and dtypes, so in place and without a sync)."""
+        self.tokens += tokens
+        self.count += part.count
+        self.first += part.first
+        self.prob_sum += part.prob_sum
+        self.weight_sum += part.weight_sum
+        self.coact += part.coact
+        self.scalars += part.scalars
+        self.repeats += part.repeats
+        self.dropped += part.dropped
+        if part.aux_count is not None:
+            if self.aux_count is None:
+                self.aux_count = torch.zeros_like(part.aux_count)
+                self.aux_prob = torch.zeros_like(part.aux_count)
+            self.aux_count += part.aux_count
+            self.aux_prob += part.aux_prob  # type: ignore[operator]
+
+
+@dataclass
+class _BatchSums:
+    """One router's contribution of one batch, held on its device until the batch's forward finished."""
+
+    count: torch.Tensor
+    first: torch.Tensor
+    prob_sum: torch.Tensor
+    weight_sum: torch.Tensor
+    coact: torch.Tensor
+    scalars: torch.Tensor
+    repeats: torch.Tensor
+    dropped: torch.Tensor
+    aux_count: torch.Tensor | None
+    aux_prob: torch.Tensor | None
+
+    def merged(self, other: _BatchSums) -> _BatchSums:
+        """Two calls of one router in the same batch (not seen in practice, but then both count)."""
+        both = {}
+        for name in self.__dataclass_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            both[name] = mine if theirs is None else theirs if mine is None else mine + theirs
+        return _BatchSums(**both)
+
 
 class BalanceAccumulator:
-    """Capture sink for ``balance``: call ``begin_batch`` before each forward, ``finish`` at the end."""
+    """Capture sink for ``balance``: ``begin_batch`` before each forward, ``end_batch`` after it, ``finish`` at the
+    end. A batch without ``end_batch`` (its forward was interrupted) is left out of every figure."""
 
     def __init__(self, routers: list[RouterSpec], capacity_factors: tuple[float, ...] = (1.0, 1.25, 2.0)) -> None:
         self.routers = routers
         self.capacity_factors = tuple(capacity_factors)
         self._states: dict[int, _RouterState] = {}
+        self._pending: dict[int, _BatchSums] = {}  # this batch's sums per router, until end_batch
         self._mask_cpu: torch.Tensor | None = None
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._batch_tokens = 0
@@ -77,7 +130,18 @@ class BalanceAccumulator:
         """Register the (B, S) mask of the batch about to run; its real-token count is read on the host."""
         self._mask_cpu = attention_mask
         self._masks = {}
+        self._pending = {}  # an earlier batch left without end_batch is dropped here
         self._batch_tokens = int(attention_mask.sum())  # a CPU tensor from the corpus reader: no device sync
+
+    def end_batch(self) -> None:
+        """The forward finished: add its sums into the totals (a few in-place adds per router, no sync)."""
+        for index, part in self._pending.items():
+            state = self._states.get(index)
+            if state is None:
+                spec = next(r for r in self.routers if r.index == index)
+                state = self._states[index] = _RouterState(spec, self.capacity_factors, part.count.device)
+            state.add(part, self._batch_tokens)
+        self._pending = {}
         self.batches += 1
 
     def _mask_on(self, device: torch.device) -> torch.Tensor:
@@ -90,9 +154,6 @@ class BalanceAccumulator:
 
     def __call__(self, spec: RouterSpec, out: RouterOutput) -> None:
         device = out.experts.device
-        state = self._states.get(spec.index)
-        if state is None:
-            state = self._states[spec.index] = _RouterState(spec, self.capacity_factors, device)
         mask2d = self._mask_on(device)
         batch, seq = mask2d.shape
         mask = mask2d.reshape(-1)
@@ -102,33 +163,42 @@ class BalanceAccumulator:
             )
         maskf = mask.to(torch.float32)
         c, e, k = spec.num_columns, spec.num_experts, out.experts.shape[1]
+        has_logits = _has_logits(spec)
         experts = torch.where(mask.unsqueeze(-1), out.experts, -1)
-        state.tokens += self._batch_tokens
-        state.count += metrics.expert_counts(experts, c)
-        state.first += metrics.first_choice_counts(experts, c)
         weights = out.weights.float() * maskf.unsqueeze(-1)
-        state.weight_sum.index_add_(0, experts.clamp_min(0).reshape(-1), weights.reshape(-1).double())
+        weight_sum = torch.zeros(c, dtype=torch.float64, device=device)
+        weight_sum.index_add_(0, experts.clamp_min(0).reshape(-1), weights.reshape(-1).double())
         probs = out.probabilities(spec)
-        state.prob_sum += (probs * maskf.unsqueeze(-1)).sum(0).double()
         top1, _ = metrics.top1_margin(probs)
         sums = [
             (metrics.router_entropy(probs) * maskf).sum(),
             (top1 * maskf).sum(),
-            (metrics.z_loss(out.logits) * maskf).sum() if state.has_logits else torch.zeros((), device=device),
+            (metrics.z_loss(out.logits) * maskf).sum() if has_logits else torch.zeros((), device=device),
         ]
-        state.scalars += torch.stack(sums).double()
-        if state.has_logits:
+        aux_count = aux_prob = None
+        if has_logits:
             aux_count, aux_prob, _ = metrics.aux_loss_sums(out.logits, k, mask)
-            if state.aux_count is None:
-                state.aux_count = torch.zeros_like(aux_count, dtype=torch.float64)
-                state.aux_prob = torch.zeros_like(aux_prob, dtype=torch.float64)
-            state.aux_count += aux_count.double()
-            state.aux_prob += aux_prob.double()  # type: ignore[operator]
-        state.repeats += torch.stack(metrics.repeat_counts_batched(experts.view(batch, seq, k), mask2d))
-        for i, cf in enumerate(self.capacity_factors):
-            capacity = metrics.expert_capacity(self._batch_tokens, k, e, cf)
-            state.dropped[i] += metrics.dropped_assignments(experts, e, cf, capacity=capacity)
-        state.coact += metrics.coactivation_counts(experts, e)
+            aux_count, aux_prob = aux_count.double(), aux_prob.double()
+        dropped = [
+            metrics.dropped_assignments(
+                experts, e, cf, capacity=metrics.expert_capacity(self._batch_tokens, k, e, cf)
+            )
+            for cf in self.capacity_factors
+        ]
+        part = _BatchSums(
+            count=metrics.expert_counts(experts, c),
+            first=metrics.first_choice_counts(experts, c),
+            prob_sum=(probs * maskf.unsqueeze(-1)).sum(0).double(),
+            weight_sum=weight_sum,
+            coact=metrics.coactivation_counts(experts, e),
+            scalars=torch.stack(sums).double(),
+            repeats=torch.stack(metrics.repeat_counts_batched(experts.view(batch, seq, k), mask2d)),
+            dropped=torch.stack(dropped) if dropped else torch.zeros(0, dtype=torch.int64, device=device),
+            aux_count=aux_count,
+            aux_prob=aux_prob,
+        )
+        seen = self._pending.get(spec.index)
+        self._pending[spec.index] = part if seen is None else seen.merged(part)
 
     def finish(self) -> list[RouterTotals]:
         """Copy every router's sums to the host (one copy per tensor) for the end-of-run metrics."""

@@ -13,6 +13,7 @@ import pandas as pd
 from moe_inspect.analysis import distributed
 from moe_inspect.analysis.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.analysis.batching import BatchMemory
+from moe_inspect.analysis.interrupts import interrupts_deferred
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.run_info import environment, model_identity
 from moe_inspect.analysis.run_info import package_versions as package_versions
@@ -77,7 +78,10 @@ def _route(
     batches: Iterable[Batch],
     progress: Progress | None,
 ) -> tuple[int, bool]:
-    """Stream ``batches`` into ``accumulator`` (and ``counter``): (real tokens routed, whether Ctrl-C stopped it)."""
+    """Stream ``batches`` into ``accumulator`` (and ``counter``): (real tokens routed, whether Ctrl-C stopped it).
+
+    A batch is committed to both only after its forward finished, so Ctrl-C leaves exactly the finished batches.
+    """
     device = loaded.input_device
     tokens = 0
     try:
@@ -95,8 +99,12 @@ def _route(
                     batch.attention_mask.to(device, non_blocking=True),
                     positions.to(device, non_blocking=True),
                 )
+                with interrupts_deferred():  # the batch counts in every table, or (Ctrl-C before here) in none
+                    accumulator.end_batch()
+                    if counter is not None:
+                        counter.end_batch()
+                    tokens += batch.tokens
                 memory.stop()
-                tokens += batch.tokens
                 if progress is not None:
                     progress(batch)
     except KeyboardInterrupt:
@@ -156,7 +164,7 @@ def run_balance(
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "peak_batch_memory_bytes": memory.peak_bytes,  # the largest any one batch added, see the method
         "peak_batch_memory_method": memory.method,
-        "partial": partial,  # Ctrl-C: an interrupted batch may be counted by its first routers only
+        "partial": partial,  # Ctrl-C: the figures cover the batches that finished, in every table
         "routers": [spec.describe() for spec in loaded.routers],
         **environment(),
         **(run_info or {}),

@@ -65,6 +65,7 @@ class GradientAccumulator:
         self.tokens = 0
         self._norm_sums: dict[int, torch.Tensor] = {}
         self._squares: dict[int, torch.Tensor] = {}  # this batch's per-expert squared norms
+        self._batch_counts: dict[int, torch.Tensor] = {}  # this batch's routed tokens, until add_batch
         self._counts: dict[int, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
 
@@ -77,7 +78,7 @@ class GradientAccumulator:
         counts = torch.zeros(spec.num_experts, dtype=torch.int64, device=out.experts.device)
         valid = (out.experts < spec.num_experts).long() * mask
         counts.index_add_(0, out.experts.clamp(max=spec.num_experts - 1).reshape(-1), valid.reshape(-1))
-        self._counts[spec.index] = self._counts.get(spec.index, 0) + counts
+        self._batch_counts[spec.index] = self._batch_counts.get(spec.index, 0) + counts
 
     def _reduce(self, spec: RouterSpec) -> Any:
         def hook(param: nn.Parameter) -> None:
@@ -95,8 +96,12 @@ class GradientAccumulator:
 
     @contextmanager
     def active(self, attention_mask: torch.Tensor) -> Iterator[None]:
-        """Gradients for expert weights only, reduced as they arrive; routed-token counts for this batch."""
+        """Gradients for expert weights only, reduced as they arrive; routed-token counts for this batch.
+
+        Nothing of the batch counts before ``add_batch``: an interrupted pass leaves the figures as they were.
+        """
         self._mask = attention_mask
+        self._squares, self._batch_counts = {}, {}
         handles = []
         with grads_only_for(self.model, self.all_parameters()), torch.enable_grad():
             try:
@@ -114,7 +119,9 @@ class GradientAccumulator:
         self.tokens += predicted
         for index, squares in self._squares.items():
             self._norm_sums[index] = self._norm_sums.get(index, 0) + squares.sqrt().double() * predicted
-        self._squares = {}
+        for index, counts in self._batch_counts.items():
+            self._counts[index] = self._counts.get(index, 0) + counts
+        self._squares, self._batch_counts = {}, {}
 
     def frame(self) -> pd.DataFrame:
         rows = []

@@ -35,20 +35,34 @@ def experts_module(model: nn.Module, spec: RouterSpec) -> nn.Module:
 
 
 class ProxyAccumulator:
-    """Per-expert count, weight sum and weighted output-norm sum of real tokens, kept on each layer's device."""
+    """Per-expert count, weight sum and weighted output-norm sum of real tokens, kept on each layer's device.
+
+    A batch's sums count only from ``end_batch`` on (Ctrl-C in a later pass of the batch leaves them out).
+    """
 
     def __init__(self, model: nn.Module, routers: list[RouterSpec]) -> None:
         self.model = model
         self.routers = routers
         self.tokens = 0
         self._sums: dict[int, torch.Tensor] = {}  # router index -> (3, E) float64: count, weight, saliency
+        self._pending: dict[int, torch.Tensor] = {}  # the same for the batch in flight
+        self._pending_tokens = 0
         self._mask_cpu: torch.Tensor | None = None
         self._masks: dict[torch.device, torch.Tensor] = {}
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
         self._mask_cpu = attention_mask
         self._masks = {}
-        self.tokens += int(attention_mask.sum())
+        self._pending = {}
+        self._pending_tokens = int(attention_mask.sum())
+
+    def end_batch(self) -> None:
+        """The batch finished: its sums join the totals (out of place, so in or out of inference mode)."""
+        for index, part in self._pending.items():
+            seen = self._sums.get(index)
+            self._sums[index] = part if seen is None else seen + part
+        self.tokens += self._pending_tokens
+        self._pending, self._pending_tokens = {}, 0
 
     def _mask_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._masks:
@@ -62,9 +76,9 @@ class ProxyAccumulator:
             index = args[1] if len(args) > 1 else next(v for n, v in kwargs.items() if "ind" in n)
             weights = args[2] if len(args) > 2 else next(v for n, v in kwargs.items() if "weight" in n)
             mask = self._mask_on(index.device)
-            sums = self._sums.get(spec.index)
+            sums = self._pending.get(spec.index)
             if sums is None:
-                sums = self._sums[spec.index] = torch.zeros(
+                sums = self._pending[spec.index] = torch.zeros(
                     3, spec.num_experts, dtype=torch.float64, device=index.device
                 )
             unit = torch.ones_like(weights[:, :1])

@@ -209,7 +209,11 @@ def _deepseek_v3(
 
 @dataclass
 class Rerouter:
-    """Applies one RoutingChange while active; counts capacity drops per router on each router's device."""
+    """Applies one RoutingChange while active; counts capacity drops per router on each router's device.
+
+    A batch's drop counts are held apart until ``end_batch`` (its passes all finished), so Ctrl-C in the middle
+    of a batch leaves the counts at the finished batches, like the losses.
+    """
 
     routers: list[RouterSpec]
     change: RoutingChange
@@ -218,12 +222,22 @@ class Rerouter:
     _mask_cpu: torch.Tensor | None = field(default=None, init=False)
     _masks: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False)
     _tokens: int = field(default=0, init=False)
+    _pending: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict, init=False)  # this batch's
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
         """The batch's (B, S) mask: pads are never counted, never dropped, and do not take capacity."""
         self._mask_cpu = attention_mask
         self._masks = {}
+        self._pending = {}  # a batch left without end_batch never counts
         self._tokens = int(attention_mask.sum())
+
+    def end_batch(self) -> None:
+        """The batch finished: its drop counts join the totals (out of place, so in or out of inference mode)."""
+        for index, (dropped, assigned) in self._pending.items():
+            seen = self.dropped.get(index)
+            self.dropped[index] = dropped if seen is None else seen + dropped
+            self.assignments[index] = self.assignments.get(index, 0) + assigned
+        self._pending = {}
 
     def _mask_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._masks:
@@ -270,12 +284,9 @@ class Rerouter:
         keep = metrics.capacity_keep_mask(
             experts, spec.num_experts, cf, capacity=capacity, policy=self.change.drop_policy, weights=weights
         )
-        dropped = (~keep).sum()
-        if spec.index in self.dropped:
-            self.dropped[spec.index] += dropped
-        else:
-            self.dropped[spec.index] = dropped
-        self.assignments[spec.index] = self.assignments.get(spec.index, 0) + self._tokens * k
+        dropped, assigned = (~keep).sum(), self._tokens * k
+        seen = self._pending.get(spec.index)
+        self._pending[spec.index] = (dropped, assigned) if seen is None else (seen[0] + dropped, seen[1] + assigned)
         return torch.where(keep, weights, torch.zeros_like(weights))
 
     @contextmanager

@@ -8,6 +8,10 @@ bound is 8 * U_cap * C bytes per router with U_cap = min(< 2 U, V) (capacity dou
 up to the vocabulary V): for Mixtral's 32k vocabulary and 8 experts at most 2.0 MiB a layer, for
 DeepSeek-V3 (129,280 ids, 256 experts) at most 253 MiB a layer (restrict ``layers`` there). Nothing grows
 with the number of tokens, and growth is decided on the host, so a batch never waits for the device.
+
+Batches are atomic, as in ``analysis.accumulate``: a router call only keeps the batch's bin keys (T x k int64,
+one batch's worth per counted router), and ``end_batch`` scatters them into the counts once the forward
+finished; ids first seen in a batch that never finished are forgotten again.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class TokenCounter:
         self._counts: dict[int, torch.Tensor] = {}
         self._rows_cpu: torch.Tensor | None = None
         self._rows: dict[torch.device, torch.Tensor] = {}
+        self._pending: dict[int, list[torch.Tensor]] = {}  # this batch's bin keys per router, until end_batch
+        self._committed_ids = 0  # ids seen in finished batches; later ones belong to the batch in flight
 
     def _grow_lookup(self, max_id: int) -> None:
         if max_id >= self._lookup.size:
@@ -66,6 +72,7 @@ class TokenCounter:
 
     def begin_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Remap the batch's (CPU) ids to compact rows, pads to -1; grows the device counters if needed."""
+        self._rollback()
         ids = input_ids.reshape(-1).cpu().numpy().astype(np.int64)
         real = attention_mask.reshape(-1).cpu().numpy().astype(bool)
         self._grow_lookup(int(ids.max(initial=0)))
@@ -80,6 +87,27 @@ class TokenCounter:
         rows = np.where(real, self._lookup[ids], -1)
         self._rows_cpu = torch.from_numpy(rows)
         self._rows = {}
+
+    def end_batch(self) -> None:
+        """The forward finished: count its assignments (one scatter per router, no sync) and keep its new ids."""
+        for index, keys in self._pending.items():
+            counts = self._counts.get(index)
+            if counts is None:
+                size = self._capacity * self._columns(index) + 1
+                counts = self._counts[index] = torch.zeros(size, dtype=torch.int64, device=keys[0].device)
+            for key in keys:
+                add = torch.ones_like(key)
+                add[:, 0] += _FIRST
+                counts.scatter_add_(0, key.reshape(-1), add.reshape(-1))
+        self._pending = {}
+        self._committed_ids = len(self._ids)
+
+    def _rollback(self) -> None:
+        """Forget what a batch left without ``end_batch`` staged: its keys and the ids it saw first."""
+        self._pending = {}
+        if len(self._ids) > self._committed_ids:
+            self._lookup[self._ids[self._committed_ids :]] = -1
+            del self._ids[self._committed_ids :]
 
     def _resize(self, capacity: int) -> None:
         """Rows are token-major, so growing appends zeros; the overflow bin (last entry) is reset."""
@@ -103,21 +131,16 @@ class TokenCounter:
     def __call__(self, spec: RouterSpec, out: RouterOutput) -> None:
         if spec.index not in self._indices:
             return
-        device = out.experts.device
         c = spec.num_columns
-        counts = self._counts.get(spec.index)
-        if counts is None:
-            counts = self._counts[spec.index] = torch.zeros(self._capacity * c + 1, dtype=torch.int64, device=device)
-        rows = self._rows_on(device)
+        rows = self._rows_on(out.experts.device)
         experts = out.experts.long()
         valid = (rows.unsqueeze(-1) >= 0) & (experts >= 0) & (experts < c)
         key = torch.where(valid, rows.unsqueeze(-1) * c + experts, self._capacity * c)
-        add = torch.ones_like(key)
-        add[:, 0] += _FIRST
-        counts.scatter_add_(0, key.reshape(-1), add.reshape(-1))
+        self._pending.setdefault(spec.index, []).append(key)
 
     def finish(self) -> list[TokenTotals]:
-        """One host copy per counted router."""
+        """One host copy per counted router, over the finished batches."""
+        self._rollback()
         totals = []
         used = len(self._ids)
         ids = np.asarray(self._ids, dtype=np.int64)

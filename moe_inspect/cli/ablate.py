@@ -86,17 +86,9 @@ def ablate(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure the language-model loss under routing changes, each against the unchanged model on the same batches."""
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from moe_inspect.analysis.ablate import build_plan
     from moe_inspect.analysis.interventions import check_request
+    from moe_inspect.cli.progress import progress_bar
     from moe_inspect.io.corpus import Batch, CorpusReader, check_files
     from moe_inspect.io.export import check_output
     from moe_inspect.model.source import check_seq_len, load_tokenizer, max_positions, resolve_model
@@ -131,17 +123,8 @@ def ablate(
             f"{', one forward-backward' if gradients else ''}): about {passes}x one pass over the corpus."
         )
     total = reader.total_bytes if max_tokens is None else max_tokens
-    with Progress(
-        TextColumn("[bold]ablating"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[tokens]:,} tokens · pass {task.fields[pass_]}/{task.fields[passes]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=quiet,
-    ) as progress:
+    detail = "{task.fields[tokens]:,} tokens · pass {task.fields[pass_]}/{task.fields[passes]}"
+    with progress_bar("ablating", detail, quiet=quiet) as progress:
         task = progress.add_task("ablating", total=total, tokens=0, pass_=0, passes=passes)
         state = {"tokens": 0, "base": 0}
 

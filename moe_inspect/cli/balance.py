@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
@@ -111,17 +110,10 @@ def balance(
     if batch_size is None:
         reader.batch_size = default_batch_size(insp.loaded, seq_len)
     total = reader.total_bytes if max_tokens is None else max_tokens
-    with Progress(
-        TextColumn("[bold]routing"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[tokens]:,} tokens · {task.fields[rate]:,.0f} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=quiet or not distributed.is_main(),
-    ) as progress:
+    from moe_inspect.cli.progress import progress_bar
+
+    detail = "{task.fields[tokens]:,} tokens · {task.fields[rate]:,.0f} tok/s"
+    with progress_bar("routing", detail, quiet=quiet) as progress:
         task = progress.add_task("routing", total=total, tokens=0, rate=0.0)
 
         def advance(batch: Batch) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,28 @@ table.heat thead th{text-align:center;font-size:9px;padding:0}
 """
 
 _DASH = ("", "6 3", "2 2", "8 3 2 3", "1 3", "10 4")
+
+# Chart text is 11px (page.py: ``svg text``). No font is measured at render time, so a label's width is
+# estimated from above: 0.65 em covers digits, lower case and punctuation (digits are 0.64 em in DejaVu Sans,
+# less in most UI fonts), 0.8 em capitals, 1 em the widest letters.
+_FONT_PX = 11
+_MAX_LABEL_CHARS = 12  # longer y-axis labels are cut with an ellipsis and told in full in a tooltip
+
+
+def _label_width(text: str) -> float:
+    ems = sum(1.0 if c in "mwMW@%…" else 0.8 if c.isupper() else 0.65 for c in text)
+    return ems * _FONT_PX
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _MAX_LABEL_CHARS else text[: _MAX_LABEL_CHARS - 1] + "…"
+
+
+def _y_label(x: float, y: float, text: str) -> str:
+    """A y-axis tick label, right-aligned at ``x``; cut past ``_MAX_LABEL_CHARS`` with the full text as title."""
+    shown = _shown(text)
+    tip = f"<title>{esc(text)}</title>" if shown != text else ""
+    return f'<text class="ytick" x="{x:.1f}" y="{y:.1f}" text-anchor="end">{tip}{esc(shown)}</text>'
 
 
 def heatmap(
@@ -122,9 +144,14 @@ def line_chart(
     reference: float | None = None,
     width: int = 420,
     height: int = 200,
+    y_format: Callable[[float], str] = "{:.3g}".format,
 ) -> str:
-    """An SVG line chart: one line per series, told apart by colour (Okabe-Ito) and dash pattern (print)."""
-    left, right, top, bottom = 44, 10, 22, 28
+    """An SVG line chart: one line per series, told apart by colour (Okabe-Ito) and dash pattern (print).
+
+    The left margin is sized from the longest y-axis label (``y_format`` of the range's ends), so no label is
+    clipped by the edge of the svg however long it is (labels past 12 characters are cut, with a tooltip).
+    """
+    right, top, bottom = 10, 22, 28
     xs = [float(v) for v in x]
     ys = [float(v) for values in series.values() for v in values if v is not None and math.isfinite(float(v))]
     if not xs or not ys:
@@ -133,6 +160,9 @@ def line_chart(
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    hi_text, lo_text = y_format(hi), y_format(lo)
+    widest = max(_label_width(_shown(t)) for t in (hi_text, lo_text))
+    left = max(44, math.ceil(widest) + 8)  # 4 px gap to the axis, 4 px to the edge
 
     def px(v: float) -> float:
         return left + (v - x0) / (x1 - x0) * (width - left - right)
@@ -146,8 +176,8 @@ def line_chart(
         f'<text x="{left}" y="14" font-weight="600">{esc(title)}</text>',
         f'<line x1="{left}" y1="{py(lo):.1f}" x2="{width - right}" y2="{py(lo):.1f}" stroke="#888"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>',
-        f'<text x="{left - 4}" y="{py(hi) + 4:.1f}" text-anchor="end">{hi:.3g}</text>',
-        f'<text x="{left - 4}" y="{py(lo) + 4:.1f}" text-anchor="end">{lo:.3g}</text>',
+        _y_label(left - 4, py(hi) + 4, hi_text),
+        _y_label(left - 4, py(lo) + 4, lo_text),
         f'<text x="{left}" y="{height - 10}">layer {xs[0]:g}</text>',
         f'<text x="{width - right}" y="{height - 10}" text-anchor="end">layer {xs[-1]:g}</text>',
     ]
