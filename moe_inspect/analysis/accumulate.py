@@ -38,6 +38,8 @@ class RouterTotals:
     repeat_any: int
     pairs: int
     dropped: dict[float, int] = field(default_factory=dict)
+    # [C] real-token assignments the router itself dropped over capacity; None where it applies none
+    capacity_dropped: np.ndarray | None = None
 
 
 class _RouterState:
@@ -56,6 +58,7 @@ class _RouterState:
         self.scalars = torch.zeros(3, dtype=torch.float64, **z)  # entropy, top-1 prob, z-loss sums
         self.repeats = torch.zeros(3, dtype=torch.int64, **z)  # same first, any overlap, pairs
         self.dropped = torch.zeros(len(capacity_factors), dtype=torch.int64, **z)
+        self.capacity_dropped = torch.zeros(c, dtype=torch.int64, **z) if spec.applies_capacity else None
         self.aux_count: torch.Tensor | None = None
         self.aux_prob: torch.Tensor | None = None
         self.tokens = 0
@@ -68,24 +71,29 @@ class BalanceAccumulator:
         self.routers = routers
         self.capacity_factors = tuple(capacity_factors)
         self._states: dict[int, _RouterState] = {}
-        self._mask_cpu: torch.Tensor | None = None
-        self._masks: dict[torch.device, torch.Tensor] = {}
-        self._batch_tokens = 0
+        self._masks_cpu: dict[str, torch.Tensor] = {}
+        self._masks: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._batch_tokens: dict[str, int] = {}
         self.batches = 0
 
-    def begin_batch(self, attention_mask: torch.Tensor) -> None:
-        """Register the (B, S) mask of the batch about to run; its real-token count is read on the host."""
-        self._mask_cpu = attention_mask
+    def begin_batch(self, attention_mask: torch.Tensor, decoder_mask: torch.Tensor | None = None) -> None:
+        """Register the (B, S) mask of the batch about to run; its real-token count is read on the host.
+
+        An encoder-decoder's decoder routers see other rows than its encoder's: ``decoder_mask`` (B, T) is theirs.
+        """
+        decoder = attention_mask if decoder_mask is None else decoder_mask
+        self._masks_cpu = {"encoder": attention_mask, "decoder": decoder}
         self._masks = {}
-        self._batch_tokens = int(attention_mask.sum())  # a CPU tensor from the corpus reader: no device sync
+        # CPU tensors from the corpus reader: no device sync
+        self._batch_tokens = {stack: int(mask.sum()) for stack, mask in self._masks_cpu.items()}
         self.batches += 1
 
-    def _mask_on(self, device: torch.device) -> torch.Tensor:
-        mask = self._masks.get(device)
+    def _mask_on(self, stack: str, device: torch.device) -> torch.Tensor:
+        mask = self._masks.get((stack, device))
         if mask is None:
-            assert self._mask_cpu is not None, "begin_batch() must be called before the forward"
-            mask = self._mask_cpu.to(device, non_blocking=True).bool()
-            self._masks[device] = mask
+            assert self._masks_cpu, "begin_batch() must be called before the forward"
+            mask = self._masks_cpu[stack].to(device, non_blocking=True).bool()
+            self._masks[(stack, device)] = mask
         return mask
 
     def __call__(self, spec: RouterSpec, out: RouterOutput) -> None:
@@ -93,7 +101,8 @@ class BalanceAccumulator:
         state = self._states.get(spec.index)
         if state is None:
             state = self._states[spec.index] = _RouterState(spec, self.capacity_factors, device)
-        mask2d = self._mask_on(device)
+        mask2d = self._mask_on(spec.stack, device)
+        batch_tokens = self._batch_tokens[spec.stack]
         batch, seq = mask2d.shape
         mask = mask2d.reshape(-1)
         if out.experts.shape[0] != mask.numel():
@@ -103,7 +112,7 @@ class BalanceAccumulator:
         maskf = mask.to(torch.float32)
         c, e, k = spec.num_columns, spec.num_experts, out.experts.shape[1]
         experts = torch.where(mask.unsqueeze(-1), out.experts, -1)
-        state.tokens += self._batch_tokens
+        state.tokens += batch_tokens
         state.count += metrics.expert_counts(experts, c)
         state.first += metrics.first_choice_counts(experts, c)
         weights = out.weights.float() * maskf.unsqueeze(-1)
@@ -126,9 +135,12 @@ class BalanceAccumulator:
             state.aux_prob += aux_prob.double()  # type: ignore[operator]
         state.repeats += torch.stack(metrics.repeat_counts_batched(experts.view(batch, seq, k), mask2d))
         for i, cf in enumerate(self.capacity_factors):
-            capacity = metrics.expert_capacity(self._batch_tokens, k, e, cf)
+            capacity = metrics.expert_capacity(batch_tokens, k, e, cf)
             state.dropped[i] += metrics.dropped_assignments(experts, e, cf, capacity=capacity)
         state.coact += metrics.coactivation_counts(experts, e)
+        if state.capacity_dropped is not None and out.dropped is not None:
+            # what the router itself dropped, real tokens only (pads' rows are -1 in ``experts``)
+            state.capacity_dropped += metrics.expert_counts(torch.where(out.dropped, experts, -1), c)
 
     def finish(self) -> list[RouterTotals]:
         """Copy every router's sums to the host (one copy per tensor) for the end-of-run metrics."""
@@ -158,6 +170,7 @@ class BalanceAccumulator:
                     repeat_any=int(repeats[1]),
                     pairs=int(repeats[2]),
                     dropped={cf: int(d) for cf, d in zip(self.capacity_factors, dropped, strict=True)},
+                    capacity_dropped=None if state.capacity_dropped is None else state.capacity_dropped.cpu().numpy(),
                 )
             )
         return totals
@@ -175,7 +188,7 @@ def sum_totals(parts: list[list[RouterTotals]]) -> list[RouterTotals]:
             for name in ("tokens", "count", "first_choice", "prob_sum", "weight_sum", "coactivation", "entropy_sum",
                          "top1_sum", "z_sum", "repeat_first", "repeat_any", "pairs"):
                 setattr(seen, name, getattr(seen, name) + getattr(t, name))
-            for name in ("aux_count", "aux_prob_sum"):
+            for name in ("aux_count", "aux_prob_sum", "capacity_dropped"):
                 if getattr(seen, name) is not None and getattr(t, name) is not None:
                     setattr(seen, name, getattr(seen, name) + getattr(t, name))
                 elif getattr(t, name) is not None:
