@@ -117,6 +117,7 @@ def generate_encoder_decoder(
             encoder_outputs=encoded,
             attention_mask=mask,
             decoder_input_ids=torch.tensor([prefix], device=device),
+            decoder_start_token_id=prefix[0],  # else generate prepends its generation config's start token
             max_new_tokens=new_tokens,
             do_sample=sample,
             temperature=temperature if sample else None,
