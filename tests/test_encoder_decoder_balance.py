@@ -223,7 +223,7 @@ def test_cli_balance_end_to_end(folders, tmp_path: Path) -> None:  # noqa: F811
         [
             sys.executable, "-c", "from moe_inspect.cli import main; main()", "balance", str(corpus), "-m",
             str(folders["nllb-moe"]), "--lines", "--batch-size", "2", "--target-file", str(targets), "--seed", "3",
-            "--out", str(out),
+            "--out", str(out), "--html", str(tmp_path / "balance.html"),
         ],
         capture_output=True, text=True, env=env, timeout=300,
     )
@@ -237,6 +237,8 @@ def test_cli_balance_end_to_end(folders, tmp_path: Path) -> None:  # noqa: F811
     assert run["capacity"]["batch_size"] == 2 and "ceil(0.2" in run["capacity"]["rule"]
     assert run["targets"]["path"] == str(targets)
     assert set(pd.read_csv(out / "experts.csv")["stack"]) == {"encoder", "decoder"}
+    page = (tmp_path / "balance.html").read_text()
+    assert 'data-layer="enc 1"' in page and 'data-layer="dec 1"' in page and "dropped (measured)" in page
 
 
 def test_compare_runs_reads_stacks_and_old_folders(inspectors, tmp_path: Path) -> None:  # noqa: F811
