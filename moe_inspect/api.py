@@ -178,7 +178,6 @@ class Inspector:
             report.run["unrouted_tail_tokens"] = sum(r.unrouted_tail_tokens for r in readers)
         return report
 
-
     def compare(
         self,
         other: Inspector | LoadOptions | Mapping[str, Any],

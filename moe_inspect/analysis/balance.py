@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from moe_inspect.analysis import distributed
 from moe_inspect.analysis.accumulate import BalanceAccumulator, sum_totals
@@ -89,23 +90,22 @@ def _route(
                 if counter is not None:
                     counter.begin_batch(batch.input_ids, batch.attention_mask)
                 memory.start()
+                extra: dict[str, torch.Tensor]
                 if decoder is not None:  # encoder over the sources, decoder over the start token or targets
-                    routing_forward(
-                        loaded,
-                        batch.input_ids.to(device, non_blocking=True),
-                        batch.attention_mask.to(device, non_blocking=True),
-                        decoder_input_ids=decoder[0].to(device, non_blocking=True),
-                        decoder_attention_mask=decoder[1].to(device, non_blocking=True),
-                    )
+                    extra = {
+                        "decoder_input_ids": decoder[0].to(device, non_blocking=True),
+                        "decoder_attention_mask": decoder[1].to(device, non_blocking=True),
+                    }
                 else:
                     # Positions count real tokens only, so left padding also works for absolute position embeddings.
                     positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-                    routing_forward(
-                        loaded,
-                        batch.input_ids.to(device, non_blocking=True),
-                        batch.attention_mask.to(device, non_blocking=True),
-                        positions.to(device, non_blocking=True),
-                    )
+                    extra = {"position_ids": positions.to(device, non_blocking=True)}
+                routing_forward(
+                    loaded,
+                    batch.input_ids.to(device, non_blocking=True),
+                    batch.attention_mask.to(device, non_blocking=True),
+                    **extra,
+                )
                 memory.stop()
                 tokens += batch.tokens
                 if progress is not None:

@@ -34,7 +34,10 @@ def check_aligned(reader: CorpusReader, target: CorpusFile) -> None:
     """Refuse targets without line mode or with another line count than the corpus (when both can be counted)."""
     if not reader.lines:
         raise UserError("Aligned targets pair lines: measure the corpus one line per sequence (`lines`).")
-    if target.stream is not None or any(f.stream is not None for f in reader.files):
+    stdin_sources = any(f.stream is not None for f in reader.files)
+    if target.stream is not None and stdin_sources:
+        raise UserError("Standard input ('-') can be given only once.")
+    if target.stream is not None or stdin_sources:
         return  # standard input is counted as it is read (paired_batches)
     sources = sum(1 for _ in _lines(reader.files))
     targets = sum(1 for _ in _lines([target]))
