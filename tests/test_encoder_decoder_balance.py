@@ -260,3 +260,20 @@ def test_compare_runs_reads_stacks_and_old_folders(inspectors, tmp_path: Path) -
     (old / "run.json").write_text(json.dumps(run))
     both = moe_inspect.compare_runs(old, tmp_path / "new")
     assert set(both.layers["stack"]) == {"decoder"} and len(both.layers) == len(demo.loaded.routers)
+
+
+def test_random_policy_balance_is_repeatable_with_a_seed(inspectors) -> None:  # noqa: F811
+    insp = inspectors["nllb-moe"]
+    routers = [spec.module for spec in insp.loaded.routers]
+    try:
+        for router in routers:
+            router.second_expert_policy = "random"
+        runs = [insp.balance(LINES, lines=True, batch_size=2, seed=seed) for seed in (1, 1, 2, 3)]
+    finally:
+        for router in routers:
+            router.second_expert_policy = "all"
+    columns = ["drop_rate", "load_entropy"]
+    assert runs[0].layers[columns].equals(runs[1].layers[columns])
+    assert runs[0].experts["count"].equals(runs[1].experts["count"])
+    assert any(not runs[0].layers[columns].equals(r.layers[columns]) for r in runs[2:])
+    assert runs[0].run["capacity"]["second_expert_policy"] == "random" and runs[0].run["capacity"]["seed"] == 1
