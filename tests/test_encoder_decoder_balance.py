@@ -277,3 +277,27 @@ def test_random_policy_balance_is_repeatable_with_a_seed(inspectors) -> None:  #
     assert runs[0].experts["count"].equals(runs[1].experts["count"])
     assert any(not runs[0].layers[columns].equals(r.layers[columns]) for r in runs[2:])
     assert runs[0].run["capacity"]["second_expert_policy"] == "random" and runs[0].run["capacity"]["seed"] == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(folders, tmp_path: Path) -> None:  # noqa: F811
+    """Each batch is routed whole by one rank, so the measured drops (per batch) reduce to one process's exactly."""
+    corpus, targets = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    corpus.write_text("\n".join(LINES * 2) + "\n")
+    targets.write_text("\n".join(TARGETS * 2) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    model = str(folders["nllb-moe"])
+    args = ["balance", str(corpus), "-m", model, "--lines", "--batch-size", "2", "--target-file", str(targets)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*launcher, "-m", "moe_inspect", *args, "--device", "cpu", "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = moe_inspect.load(model, device="cpu").balance(files=[corpus], lines=True, batch_size=2, targets=targets)
+    two = pd.read_csv(tmp_path / "two" / "layers.csv")
+    assert two["stack"].tolist() == one.layers["stack"].tolist()
+    assert two["tokens"].tolist() == one.layers["tokens"].tolist()
+    assert two["drop_rate"].to_numpy() == pytest.approx(one.layers["drop_rate"].to_numpy(), rel=1e-12)
+    experts = pd.read_csv(tmp_path / "two" / "experts.csv")
+    assert experts["drop_rate"].to_numpy() == pytest.approx(one.experts["drop_rate"].to_numpy(), nan_ok=True)
