@@ -18,13 +18,15 @@ from moe_inspect.analysis.ablate import AblationReport, build_plan, run_ablation
 from moe_inspect.analysis.ablate import Progress as AblateProgress
 from moe_inspect.analysis.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.analysis.batching import default_batch_size
+from moe_inspect.analysis.encoder_decoder import capacity_rule
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.tables import route_frame, routers_frame
 from moe_inspect.errors import UserError
 from moe_inspect.io.corpus import CorpusFile, CorpusReader, check_files
+from moe_inspect.io.targets import check_aligned, paired_batches, target_source
 from moe_inspect.io.tokens import token_bytes
 from moe_inspect.model.capture import capture
-from moe_inspect.model.loading import LoadedModel
+from moe_inspect.model.loading import LoadedModel, decoder_start_id
 from moe_inspect.model.loading import load as load_model
 from moe_inspect.model.options import LoadOptions
 from moe_inspect.model.quantize import no_grad_context
@@ -116,6 +118,8 @@ class Inspector:
         min_count: int = 5,
         top_token_layers: Iterable[int] | None = None,
         by_file: bool = False,
+        targets: str | Path | Iterable[str] | None = None,
+        seed: int | None = None,
         **corpus_options: Any,
     ) -> BalanceReport:
         """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
@@ -127,9 +131,17 @@ class Inspector:
         ``top_token_layers`` limits the counting (memory: see ``analysis.token_counts``) to those decoder layers.
         ``by_file`` measures each text/file on its own (``max_tokens`` then caps each) and adds a ``source``
         column to ``layers`` and ``experts``: one block per file, then ``all``.
+
+        Encoder-decoders route each line or window through the encoder and their decoder over its start token, or
+        over ``targets`` (a file path or lines, one per source line; needs ``lines=True``); ``seed`` seeds torch
+        first (NLLB-MoE's random second-expert policies). ``run["capacity"]`` states the routers' capacity rule.
         """
-        if self.loaded.is_seq2seq:
-            raise UserError("Corpus balance of encoder-decoder models is not supported yet; route sentences instead.")
+        seq2seq = self.loaded.is_seq2seq
+        if seq2seq and top_tokens:
+            raise UserError("Top tokens per expert are counted for decoder-only models only.")
+        target_file = target_source(targets, seq2seq) if targets is not None else None
+        if target_file is not None and by_file:
+            raise UserError("Aligned targets pair lines across the whole corpus; measure it without `by_file`.")
         if top_tokens < 0 or min_count < 1:
             raise UserError("`top_tokens` must be at least 0 and `min_count` at least 1.")
         if top_tokens and top_token_layers is not None:
@@ -137,8 +149,20 @@ class Inspector:
         if reader is None:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
+        if target_file is not None:
+            check_aligned(reader, target_file)
         info = _corpus_info(reader)
-        if by_file:
+        rule = capacity_rule(self.loaded, reader.batch_size, seed) if seq2seq else None
+        if rule is not None:
+            info["capacity"] = rule
+        if seq2seq:
+            info["decoder_input"] = "start token" if target_file is None else f"targets {target_file.name}"
+        if seed is not None:
+            torch.manual_seed(seed)
+        if target_file is not None:
+            start = decoder_start_id(self.model.config)
+            readers, batches, sources = [reader], paired_batches(reader, target_file, start), None
+        elif by_file:
             readers = [replace(reader, files=[f]) for f in reader.files]
             batches, sources = [], [(r.files[0].name, r.batches()) for r in readers]
         else:
@@ -148,6 +172,8 @@ class Inspector:
             top_token_layers, sources=sources,
         )
         report.run["corpus"] = [f.describe() for f in reader.files]  # after the run: stdin is hashed as read
+        if target_file is not None:
+            report.run["targets"] = target_file.describe()
         if reader.mode != "lines":
             report.run["unrouted_tail_tokens"] = sum(r.unrouted_tail_tokens for r in readers)
         return report
@@ -256,7 +282,7 @@ class Inspector:
         """
         selected = self._check_layers(layers) if layers is not None else None
         if self.loaded.is_seq2seq:
-            return self._route_seq2seq(text, target, generate, seed, selected)
+            return self._route_seq2seq(text, target, generate, temperature, seed, selected)
         if target is not None:
             raise UserError("A `target` is only for encoder-decoder models; this one is decoder-only.")
         encoded = self.tokenizer(text, return_tensors="pt")
@@ -289,13 +315,20 @@ class Inspector:
         return frame
 
     def _route_seq2seq(
-        self, text: str, target: str | None, generate: int, seed: int | None, selected: set[int] | None
+        self,
+        text: str,
+        target: str | None,
+        generate: int,
+        temperature: float,
+        seed: int | None,
+        selected: set[int] | None,
     ) -> pd.DataFrame:
-        from moe_inspect.analysis.encoder_decoder import route_encoder_decoder
+        from moe_inspect.analysis.encoder_decoder import generate_encoder_decoder, route_encoder_decoder
 
         if generate:
-            raise UserError("Generating with an encoder-decoder model is not supported yet; give a `target` prefix.")
-        frame = route_encoder_decoder(self.loaded, text, target, seed)
+            frame = generate_encoder_decoder(self.loaded, text, target, generate, temperature, seed)
+        else:
+            frame = route_encoder_decoder(self.loaded, text, target, seed)
         if selected is not None:
             frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         return frame

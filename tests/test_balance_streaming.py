@@ -36,9 +36,9 @@ def _interrupt_inside_forward(monkeypatch: pytest.MonkeyPatch, batch: int, route
     real_call, real_begin = BalanceAccumulator.__call__, BalanceAccumulator.begin_batch
     begun = {"batches": 0}
 
-    def begin(self: BalanceAccumulator, mask: torch.Tensor) -> None:
+    def begin(self: BalanceAccumulator, mask: torch.Tensor, decoder_mask: torch.Tensor | None = None) -> None:
         begun["batches"] += 1
-        real_begin(self, mask)
+        real_begin(self, mask, decoder_mask)
 
     def interrupted(self: BalanceAccumulator, spec, out) -> None:
         if begun["batches"] == batch and spec.index == router:

@@ -57,7 +57,7 @@ def test_by_file_blocks_equal_separate_runs_and_all_is_their_sum(mixtral: Inspec
 def test_compare_runs_against_hand_computation(runs: tuple[Path, Path]) -> None:
     code, prose = runs
     report = moe_inspect.compare_runs(code, prose)
-    assert list(report.layers.columns) == ["layer", "load_tv", "load_js"]
+    assert list(report.layers.columns) == ["layer", "load_tv", "load_js", "stack"]
     ea, eb = pd.read_csv(code / "experts.csv"), pd.read_csv(prose / "experts.csv")
     for layer, row in report.layers.set_index("layer").iterrows():
         sa = ea[ea["layer"] == layer]["share"].to_numpy()

@@ -41,11 +41,11 @@ def test_each_router_accumulates_on_its_own_device() -> None:
         cpu = _output("cpu", 12, generator)
         accumulator(routers[0], cpu)
         accumulator(routers[1], _output("meta", 12, generator))
-        meta_mask = accumulator._masks[torch.device("meta")]
+        meta_mask = accumulator._masks[("decoder", torch.device("meta"))]
         accumulator(routers[2], _output("meta", 12, generator))
         accumulator.end_batch()
-        assert accumulator._masks[torch.device("meta")] is meta_mask  # one mask copy per device and batch
-        assert set(accumulator._masks) == {torch.device("cpu"), torch.device("meta")}
+        assert accumulator._masks[("decoder", torch.device("meta"))] is meta_mask  # one copy per device and batch
+        assert set(accumulator._masks) == {("decoder", torch.device("cpu")), ("decoder", torch.device("meta"))}
         count += torch.bincount(cpu.experts[real].reshape(-1), minlength=8)
         first += torch.bincount(cpu.experts[real][:, 0], minlength=8)
     states = accumulator._states

@@ -18,6 +18,7 @@ from tiny_seq2seq_vl import NLLB_CAPACITY_FRACTION, SWITCH_CAPACITY, save
 from typer.testing import CliRunner
 
 from moe_inspect.cli import app
+from moe_inspect.errors import UserError
 from moe_inspect.model.capture import capture
 
 SOURCE = "The quick brown fox jumps over the lazy dog again and again"
@@ -170,14 +171,7 @@ def test_route_cli_with_target(folders, tmp_path: Path) -> None:
     assert (frame.loc[frame["expert_type"] == "dropped", "expert"] == -1).all()
 
 
-def test_balance_and_generate_are_refused_in_one_sentence(inspectors) -> None:
-    from moe_inspect.errors import UserError
-
-    insp = inspectors["switch_transformers"]
-    with pytest.raises(UserError, match=r"^Corpus balance of encoder-decoder models is not supported yet"):
-        insp.balance(["one line", "two lines"])
-    with pytest.raises(UserError, match=r"^Generating with an encoder-decoder model is not supported yet"):
-        insp.route(SOURCE, generate=2)
+def test_a_target_on_a_decoder_only_model_is_refused(inspectors) -> None:
     with pytest.raises(UserError, match="only for encoder-decoder"):
         inspectors_decoder_only_target()
 

@@ -273,7 +273,9 @@ def build_plan(
 ) -> AblationPlan:
     """Validate every requested setting against the model (one sentence on the first bad one), no pass run."""
     from moe_inspect.analysis import interventions as iv
+    from moe_inspect.analysis.compare_checks import check_decoder_only
 
+    check_decoder_only(loaded.routers, "ablate")
     routers = loaded.routers
     changes: list[RoutingChange] = [iv.top_k_change(k, routers) for k in top_k]
     if dense:

@@ -42,6 +42,8 @@ class RouterTotals:
     repeat_any: int
     pairs: int
     dropped: dict[float, int] = field(default_factory=dict)
+    # [C] real-token assignments the router itself dropped over capacity; None where it applies none
+    capacity_dropped: np.ndarray | None = None
 
 
 def _has_logits(spec: RouterSpec) -> bool:
@@ -67,6 +69,7 @@ class _RouterState:
         self.dropped = torch.zeros(len(capacity_factors), dtype=torch.int64, **z)
         self.aux_count: torch.Tensor | None = None
         self.aux_prob: torch.Tensor | None = None
+        self.capacity_dropped = torch.zeros(c, dtype=torch.int64, **z) if spec.applies_capacity else None
         self.tokens = 0
 
     def add(self, part: _BatchSums, tokens: int) -> None:
@@ -86,6 +89,8 @@ class _RouterState:
                 self.aux_prob = torch.zeros_like(part.aux_count)
             self.aux_count += part.aux_count
             self.aux_prob += part.aux_prob  # type: ignore[operator]
+        if self.capacity_dropped is not None and part.capacity_dropped is not None:
+            self.capacity_dropped += part.capacity_dropped
 
 
 @dataclass
@@ -102,6 +107,7 @@ class _BatchSums:
     dropped: torch.Tensor
     aux_count: torch.Tensor | None
     aux_prob: torch.Tensor | None
+    capacity_dropped: torch.Tensor | None = None
 
     def merged(self, other: _BatchSums) -> _BatchSums:
         """Two calls of one router in the same batch (not seen in practice, but then both count)."""
@@ -121,17 +127,22 @@ class BalanceAccumulator:
         self.capacity_factors = tuple(capacity_factors)
         self._states: dict[int, _RouterState] = {}
         self._pending: dict[int, _BatchSums] = {}  # this batch's sums per router, until end_batch
-        self._mask_cpu: torch.Tensor | None = None
-        self._masks: dict[torch.device, torch.Tensor] = {}
-        self._batch_tokens = 0
+        self._masks_cpu: dict[str, torch.Tensor] = {}
+        self._masks: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._batch_tokens: dict[str, int] = {}
         self.batches = 0
 
-    def begin_batch(self, attention_mask: torch.Tensor) -> None:
-        """Register the (B, S) mask of the batch about to run; its real-token count is read on the host."""
-        self._mask_cpu = attention_mask
+    def begin_batch(self, attention_mask: torch.Tensor, decoder_mask: torch.Tensor | None = None) -> None:
+        """Register the (B, S) mask of the batch about to run; its real-token count is read on the host.
+
+        An encoder-decoder's decoder routers see other rows than its encoder's: ``decoder_mask`` (B, T) is theirs.
+        """
+        decoder = attention_mask if decoder_mask is None else decoder_mask
+        self._masks_cpu = {"encoder": attention_mask, "decoder": decoder}
         self._masks = {}
         self._pending = {}  # an earlier batch left without end_batch is dropped here
-        self._batch_tokens = int(attention_mask.sum())  # a CPU tensor from the corpus reader: no device sync
+        # CPU tensors from the corpus reader: no device sync
+        self._batch_tokens = {stack: int(mask.sum()) for stack, mask in self._masks_cpu.items()}
 
     def end_batch(self) -> None:
         """The forward finished: add its sums into the totals (a few in-place adds per router, no sync)."""
@@ -140,21 +151,22 @@ class BalanceAccumulator:
             if state is None:
                 spec = next(r for r in self.routers if r.index == index)
                 state = self._states[index] = _RouterState(spec, self.capacity_factors, part.count.device)
-            state.add(part, self._batch_tokens)
+            state.add(part, self._batch_tokens[state.spec.stack])
         self._pending = {}
         self.batches += 1
 
-    def _mask_on(self, device: torch.device) -> torch.Tensor:
-        mask = self._masks.get(device)
+    def _mask_on(self, stack: str, device: torch.device) -> torch.Tensor:
+        mask = self._masks.get((stack, device))
         if mask is None:
-            assert self._mask_cpu is not None, "begin_batch() must be called before the forward"
-            mask = self._mask_cpu.to(device, non_blocking=True).bool()
-            self._masks[device] = mask
+            assert self._masks_cpu, "begin_batch() must be called before the forward"
+            mask = self._masks_cpu[stack].to(device, non_blocking=True).bool()
+            self._masks[(stack, device)] = mask
         return mask
 
     def __call__(self, spec: RouterSpec, out: RouterOutput) -> None:
         device = out.experts.device
-        mask2d = self._mask_on(device)
+        mask2d = self._mask_on(spec.stack, device)
+        batch_tokens = self._batch_tokens[spec.stack]
         batch, seq = mask2d.shape
         mask = mask2d.reshape(-1)
         if out.experts.shape[0] != mask.numel():
@@ -181,7 +193,7 @@ class BalanceAccumulator:
             aux_count, aux_prob = aux_count.double(), aux_prob.double()
         dropped = [
             metrics.dropped_assignments(
-                experts, e, cf, capacity=metrics.expert_capacity(self._batch_tokens, k, e, cf)
+                experts, e, cf, capacity=metrics.expert_capacity(batch_tokens, k, e, cf)
             )
             for cf in self.capacity_factors
         ]
@@ -196,6 +208,9 @@ class BalanceAccumulator:
             dropped=torch.stack(dropped) if dropped else torch.zeros(0, dtype=torch.int64, device=device),
             aux_count=aux_count,
             aux_prob=aux_prob,
+            # what the router itself dropped, real tokens only (pads' rows are -1 in ``experts``)
+            capacity_dropped=None if out.dropped is None or not spec.applies_capacity
+            else metrics.expert_counts(torch.where(out.dropped, experts, -1), c),
         )
         seen = self._pending.get(spec.index)
         self._pending[spec.index] = part if seen is None else seen.merged(part)
@@ -228,6 +243,7 @@ class BalanceAccumulator:
                     repeat_any=int(repeats[1]),
                     pairs=int(repeats[2]),
                     dropped={cf: int(d) for cf, d in zip(self.capacity_factors, dropped, strict=True)},
+                    capacity_dropped=None if state.capacity_dropped is None else state.capacity_dropped.cpu().numpy(),
                 )
             )
         return totals
@@ -245,7 +261,7 @@ def sum_totals(parts: list[list[RouterTotals]]) -> list[RouterTotals]:
             for name in ("tokens", "count", "first_choice", "prob_sum", "weight_sum", "coactivation", "entropy_sum",
                          "top1_sum", "z_sum", "repeat_first", "repeat_any", "pairs"):
                 setattr(seen, name, getattr(seen, name) + getattr(t, name))
-            for name in ("aux_count", "aux_prob_sum"):
+            for name in ("aux_count", "aux_prob_sum", "capacity_dropped"):
                 if getattr(seen, name) is not None and getattr(t, name) is not None:
                     setattr(seen, name, getattr(seen, name) + getattr(t, name))
                 elif getattr(t, name) is not None:

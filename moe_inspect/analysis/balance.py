@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from moe_inspect.analysis import distributed
 from moe_inspect.analysis.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.analysis.batching import BatchMemory
+from moe_inspect.analysis.encoder_decoder import decoder_inputs
 from moe_inspect.analysis.interrupts import interrupts_deferred
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.run_info import environment, model_identity
@@ -87,17 +89,26 @@ def _route(
     try:
         with no_grad_context(loaded.model), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
             for batch in batches:
-                accumulator.begin_batch(batch.attention_mask)
+                decoder = decoder_inputs(loaded, batch) if loaded.is_seq2seq else None
+                accumulator.begin_batch(batch.attention_mask, None if decoder is None else decoder[1])
                 if counter is not None:
                     counter.begin_batch(batch.input_ids, batch.attention_mask)
                 memory.start()
-                # Positions count real tokens only, so left padding also works for absolute position embeddings.
-                positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+                extra: dict[str, torch.Tensor]
+                if decoder is not None:  # encoder over the sources, decoder over the start token or targets
+                    extra = {
+                        "decoder_input_ids": decoder[0].to(device, non_blocking=True),
+                        "decoder_attention_mask": decoder[1].to(device, non_blocking=True),
+                    }
+                else:
+                    # Positions count real tokens only, so left padding also works for absolute position embeddings.
+                    positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+                    extra = {"position_ids": positions.to(device, non_blocking=True)}
                 routing_forward(
                     loaded,
                     batch.input_ids.to(device, non_blocking=True),
                     batch.attention_mask.to(device, non_blocking=True),
-                    positions.to(device, non_blocking=True),
+                    **extra,
                 )
                 with interrupts_deferred():  # the batch counts in every table, or (Ctrl-C before here) in none
                     accumulator.end_batch()

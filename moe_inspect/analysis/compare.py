@@ -21,6 +21,7 @@ import torch
 
 from moe_inspect.analysis import distributed
 from moe_inspect.analysis.compare_batch import Comparer, Recorder, decode, run_a, run_b
+from moe_inspect.analysis.compare_checks import check_decoder_only
 from moe_inspect.analysis.compare_checks import check_same_moe as check_same_moe
 from moe_inspect.analysis.compare_checks import check_same_tokenizer as check_same_tokenizer
 from moe_inspect.analysis.compare_checks import precheck_same_moe as precheck_same_moe
@@ -95,6 +96,7 @@ def compare_two_pass(
     with RecordStore(scratch) as store:
         loaded: LoadedModel | None = load_a()
         assert loaded is not None
+        check_decoder_only(loaded.routers, "compare")
         # Shapes only: a RouterSpec holds its module, which would keep model A's router weights alive.
         routers_a = [replace(spec, module=None, selection_module=None) for spec in loaded.routers]
         describe_a = describe_model(loaded)
@@ -160,6 +162,7 @@ def compare_together(
     run_info: dict[str, Any] | None = None,
 ) -> CompareReport:
     """Both models in memory: each batch through A, then B, compared at once (same figures as two-pass)."""
+    check_decoder_only(loaded_a.routers, "compare")
     check_same_moe(loaded_a.routers, loaded_b.routers)
     started = time.perf_counter()
     head_a, head_b = OutputHead(loaded_a.model), OutputHead(loaded_b.model)

@@ -18,6 +18,15 @@ def check_same_tokenizer(tokenizer_a: Any, tokenizer_b: Any) -> None:
         )
 
 
+def check_decoder_only(routers: list[RouterSpec], what: str) -> None:
+    """Output drift and loss are next-token figures of a decoder-only model: refuse an encoder-decoder's routers."""
+    if any(spec.stack == "encoder" for spec in routers):
+        raise UserError(
+            f"{what} reads next-token outputs of decoder-only models; encoder-decoders (Switch Transformers, "
+            "NLLB-MoE) are not supported, so use `balance` or `route` on them."
+        )
+
+
 def check_same_moe(routers_a: list[RouterSpec], routers_b: list[RouterSpec]) -> None:
     """Same MoE layers in the same order, each with the same E, k and distribution width."""
     if len(routers_a) != len(routers_b):

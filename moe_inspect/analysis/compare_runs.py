@@ -60,11 +60,16 @@ def _read_run(path: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
         experts = experts[experts["source"] == "all"].drop(columns="source")
     if "router" not in experts:
         experts["router"] = "mlp"
+    if "stack" not in experts:  # folders written before encoder-decoders had a stack column
+        experts["stack"] = "decoder"
     return run, experts
 
 
 def _shape(run: dict[str, Any]) -> list[tuple[Any, ...]]:
-    return [(r.get("layer"), r.get("kind"), r.get("experts"), r.get("top_k")) for r in run["routers"]]
+    return [
+        (r.get("stack", "decoder"), r.get("layer"), r.get("kind"), r.get("experts"), r.get("top_k"))
+        for r in run["routers"]
+    ]
 
 
 def compare_runs(dir_a: str | Path, dir_b: str | Path) -> RunsComparison:
@@ -82,13 +87,15 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> RunsComparison:
         label_a, label_b = "a", "b"
     layer_rows = []
     parts = []
-    top_k = {(r["layer"], r.get("kind", "mlp")): r["top_k"] for r in run_a["routers"]}
-    keys = ["layer", "router"]
-    for (layer, router), group_a in experts_a.groupby(keys, sort=False):
-        group_b = experts_b[(experts_b["layer"] == layer) & (experts_b["router"] == router)]
+    top_k = {(r.get("stack", "decoder"), r["layer"], r.get("kind", "mlp")): r["top_k"] for r in run_a["routers"]}
+    keys = ["stack", "layer", "router"]
+    for (stack, layer, router), group_a in experts_a.groupby(keys, sort=False):
+        group_b = experts_b[
+            (experts_b["stack"] == stack) & (experts_b["layer"] == layer) & (experts_b["router"] == router)
+        ]
         a = group_a.sort_values("expert")
         b = group_b.sort_values("expert")
-        e, k = len(a), top_k.get((layer, router), 1)
+        e, k = len(a), top_k.get((stack, layer, router), 1)
         share_a, share_b = a["share"].to_numpy(), b["share"].to_numpy()
         count_a, count_b = a["count"].to_numpy(), b["count"].to_numpy()
         layer_rows.append(
@@ -96,6 +103,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> RunsComparison:
                 "layer": layer,
                 "load_tv": metrics.total_variation(count_a, count_b),
                 "load_js": metrics.load_js(count_a, count_b),
+                "stack": stack,
             }
         )
         spec_a = metrics.specialisation(a["token_share"].to_numpy(), e, k)
@@ -113,6 +121,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path) -> RunsComparison:
                         label_a,
                         np.where((spec_b > spec_a) & (spec_b > 1), label_b, "neither"),
                     ),
+                    "stack": stack,
                 }
             )
         )

@@ -81,6 +81,8 @@ def _comm_device() -> torch.device:
 
 def _state_tensors(state: _RouterState) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     ints = [state.count, state.first, state.coact, state.repeats, state.dropped]
+    if state.capacity_dropped is not None:
+        ints.append(state.capacity_dropped)
     floats = [state.prob_sum, state.weight_sum, state.scalars]
     if state.aux_count is not None:
         floats += [state.aux_count, state.aux_prob]  # type: ignore[list-item]

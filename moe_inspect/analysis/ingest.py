@@ -31,8 +31,9 @@ _ALWAYS_LAYERS = [
     "max_over_mean",
     "jain",
     "dead_experts",
+    "stack",
 ]
-_ALWAYS_EXPERTS = ["layer", "expert", "count", "share", "router"]
+_ALWAYS_EXPERTS = ["layer", "expert", "count", "share", "router", "stack"]
 
 
 def _spec(index: int, layer: int, num_experts: int, top_k: int, source: str) -> RouterSpec:

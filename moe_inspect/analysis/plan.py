@@ -64,6 +64,8 @@ def _from_folder(folder: Path, num_layers: int | None) -> LoadSource:
     frame = pd.read_csv(path, keep_default_na=False)
     if not {"layer", "expert", "count"} <= set(frame.columns):
         raise UserError(f"{path} lacks the layer, expert and count columns.")
+    if "stack" in frame.columns and (frame["stack"] == "encoder").any():
+        raise UserError(f"{path} is an encoder-decoder's balance; plan places the experts of decoder-only models.")
     if "router" in frame.columns:
         frame = frame[frame["router"] == "mlp"]  # JetMoE's attention routers are not expert-parallel MLPs
     grid = frame.pivot_table(index="layer", columns="expert", values="count", aggfunc="sum", fill_value=0)

@@ -51,7 +51,26 @@ def _can_stop_early(model: nn.Module) -> bool:
     return "disk" not in places and not ("cpu" in places and len(places) > 1)
 
 
+def _encoder_decoder(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """The seq2seq model's own forward up to its decoder's output: encoder, then decoder over it, no LM head."""
+    kwargs = dict(kwargs)
+    mask = kwargs.get("attention_mask")
+    decoder_ids = kwargs.pop("decoder_input_ids")
+    decoder_mask = kwargs.pop("decoder_attention_mask", None)
+    encoded = model.get_encoder()(input_ids=input_ids, attention_mask=mask)
+    model.get_decoder()(
+        input_ids=decoder_ids,
+        attention_mask=decoder_mask,
+        encoder_hidden_states=encoded[0],
+        encoder_attention_mask=mask,
+        use_cache=kwargs.get("use_cache", False),
+    )
+
+
 def _forward(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    if "decoder_input_ids" in kwargs:
+        _encoder_decoder(model, input_ids, kwargs)
+        return
     found = decoder_of(model)
     if found is not None:
         found[1](input_ids=input_ids, **kwargs)
@@ -71,7 +90,9 @@ def routing_forward(
     """Run ``loaded``'s model so that every router fires once more, with no head and no layer after the last router.
 
     Call it inside ``capture(...)``: the routers' outputs go to the capture, this returns nothing. Extra keyword
-    arguments (``past_key_values``, ``use_cache``) go to the decoder; ``use_cache`` defaults to False.
+    arguments (``past_key_values``, ``use_cache``) go to the decoder; ``use_cache`` defaults to False. With
+    ``decoder_input_ids`` (and ``decoder_attention_mask``) an encoder-decoder runs its encoder over ``input_ids``
+    and its decoder over those, still without the head.
     """
     model = loaded.model
     key = tuple(spec.path for spec in loaded.routers)

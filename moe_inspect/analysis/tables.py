@@ -154,6 +154,10 @@ def layers_frame(totals: Sequence[RouterTotals], capacity_factors: Sequence[floa
             "repeat_any": t.repeat_any / t.pairs if t.pairs else math.nan,
             "repeat_any_random": any_random,
             "null_share": float(t.count[e:].sum()) / assignments,
+            "stack": spec.stack,
+            "drop_rate": (
+                math.nan if t.capacity_dropped is None or no_tokens else float(t.capacity_dropped.sum()) / assignments
+            ),
         }
         for cf in capacity_factors:
             row[drop_column(cf)] = t.dropped[cf] / assignments if not no_tokens else math.nan
@@ -188,6 +192,11 @@ def experts_frame(totals: Sequence[RouterTotals]) -> pd.DataFrame:
                         t.weight_sum[:e], count, out=np.full(e, np.nan), where=count > 0
                     ),
                     "router": t.spec.kind,
+                    "stack": t.spec.stack,
+                    "drop_rate": (
+                        np.full(e, np.nan) if t.capacity_dropped is None
+                        else np.divide(t.capacity_dropped[:e], count, out=np.full(e, np.nan), where=count > 0)
+                    ),
                 }
             )
         )
@@ -212,6 +221,7 @@ def coactivation_frame(totals: Sequence[RouterTotals]) -> pd.DataFrame:
                     "count": counts,
                     "share_of_a": counts / np.maximum(t.count[:e][a], 1),
                     "router": t.spec.kind,
+                    "stack": t.spec.stack,
                 }
             )
         )

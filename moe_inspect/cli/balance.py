@@ -73,6 +73,15 @@ def balance(
         bool,
         flag("--by-file", help="Measure each file on its own too: a source column, one block per file plus 'all'."),
     ] = False,
+    target_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--target-file", help="Encoder-decoders with --lines: the decoder's text for each source line, one a line."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Random seed (NLLB-MoE's random second-expert policies).")
+    ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -105,6 +114,14 @@ def balance(
     reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens)
     reader.check_long_enough()
     factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
+    targets = None
+    if target_file is not None:  # refused before the weights load: a decoder-only model, no --lines, line counts
+        from moe_inspect.io.targets import check_aligned, target_source
+        from moe_inspect.model.source import SEQ2SEQ, load_config, model_kind
+
+        config = load_config(model_id, load.revision, load.trust_remote_code)
+        targets = target_source(str(target_file), model_kind(config) == SEQ2SEQ)
+        check_aligned(reader, targets)
     distributed.setup()  # under torchrun: join the process group first, so each rank loads onto its own GPU
     insp = load_for_cli(load, output if distributed.is_main() else Output(quiet=True), tokenizer)
     if batch_size is None:
@@ -128,7 +145,7 @@ def balance(
 
         report = insp.balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
-            top_token_layers=token_layers, by_file=by_file,
+            top_token_layers=token_layers, by_file=by_file, targets=targets, seed=seed,
         )
     if not distributed.is_main():
         return  # rank 0 holds the reduced report and writes it once

@@ -158,6 +158,9 @@ class Batch:
     attention_mask: torch.Tensor  # (B, S) int64, 1 = real token
     tokens: int  # real tokens in this batch
     bytes_done: int  # corpus bytes consumed so far (for progress)
+    # encoder-decoders with aligned targets (io.targets): the decoder's rows, right-padded, 1 = real token
+    decoder_input_ids: torch.Tensor | None = None
+    decoder_attention_mask: torch.Tensor | None = None
 
 
 def check_file(name: str) -> CorpusFile:

@@ -41,6 +41,9 @@ class Schema:
         return "\n".join(["| column | type | meaning |", "|---|---|---|", *rows])
 
 
+STACK = Column("stack", "string", "'encoder' or 'decoder' of an encoder-decoder ('decoder' for decoder-only models)")
+"""Every per-router table carries it, so an encoder's layer 1 and a decoder's layer 1 stay apart."""
+
 ROUTE = Schema(
     "route",
     "One row per (token, MoE router, rank): which experts each token used.",
@@ -61,7 +64,7 @@ ROUTE = Schema(
             "'routed', the null expert kind ('zero', 'skip'), or 'dropped' (over capacity: expert -1, weight 0)",
         ),
         Column("token_bytes", "string", "the token's exact bytes in hex, e.g. '<E6 9D>' (tells partial UTF-8 apart)"),
-        Column("stack", "string", "'encoder' or 'decoder' of an encoder-decoder ('decoder' for decoder-only models)"),
+        STACK,
     ),
 )
 
@@ -90,6 +93,12 @@ LAYERS = Schema(
         Column("repeat_any", "float64", "share of consecutive token pairs whose top-k sets intersect"),
         Column("repeat_any_random", "float64", "random baseline 1 - C(E-k,k)/C(E,k)"),
         Column("null_share", "float64", "share of assignments to zero/skip experts (0 for most families)"),
+        STACK,
+        Column(
+            "drop_rate", "float64",
+            "measured: share of real-token assignments the router itself dropped over capacity (Switch, NLLB-MoE; "
+            "depends on batch size and padding, see run.json capacity); empty for routers that apply no capacity",
+        ),
     ),
 )
 
@@ -106,6 +115,12 @@ EXPERTS = Schema(
         Column("mean_prob", "float64", "mean routing probability over all tokens"),
         Column("mean_weight", "float64", "mean combine weight over the tokens that chose it"),
         Column("router", "string", "'mlp' or 'attention' (JetMoE)"),
+        STACK,
+        Column(
+            "drop_rate", "float64",
+            "measured: share of this expert's real-token assignments the router dropped over capacity; empty for "
+            "routers that apply no capacity",
+        ),
     ),
 )
 
@@ -119,6 +134,7 @@ COACTIVATION = Schema(
         Column("count", "int64", "tokens whose top-k contains both experts"),
         Column("share_of_a", "float64", "count / tokens that chose expert_a (OLMoE's N[a,b]/N[a])"),
         Column("router", "string", "'mlp' or 'attention' (JetMoE)"),
+        STACK,
     ),
 )
 
@@ -315,6 +331,7 @@ COMPARE_RUN_LAYERS = Schema(
         Column("layer", "int64", "decoder-layer index"),
         Column("load_tv", "float64", "total variation between the two runs' assignment-share vectors"),
         Column("load_js", "float64", "Jensen-Shannon divergence between them, bits"),
+        STACK,
     ),
 )
 
@@ -326,6 +343,7 @@ COMPARE_RUN_EXPERTS = Schema(
         Column("specialisation_a", "float64", "token share in run A / uniform k/E (1 = uniform)"),
         Column("specialisation_b", "float64", "token share in run B / uniform k/E"),
         Column("specialises_in", "string", "the run whose specialisation is higher and above 1, else 'neither'"),
+        STACK,
     ),
 )
 

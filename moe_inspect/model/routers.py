@@ -76,6 +76,11 @@ class RouterSpec:
         return self.num_experts + self.null_experts
 
     @property
+    def applies_capacity(self) -> bool:
+        """Whether the router itself drops assignments over expert capacity (its output says which: Switch, NLLB)."""
+        return self.parser in ("switch", "nllb")
+
+    @property
     def label(self) -> str:
         """Short column label: the layer index, suffixed for JetMoE's attention routers."""
         return router_label(self.layer, self.kind)

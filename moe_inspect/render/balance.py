@@ -69,12 +69,22 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def _cell(row: dict, key: str | None, fmt: str) -> Text:
+def two_stacks(frame: pd.DataFrame) -> bool:
+    """Whether a per-router table holds an encoder-decoder's routers (then labels name the stack)."""
+    return "stack" in frame and bool((frame["stack"] == "encoder").any())
+
+
+def stack_label(layer: int, router: str, stack: str, both: bool) -> str:
+    """'12' (or '12a'), or 'enc 1' / 'dec 1' when the table holds both stacks of an encoder-decoder."""
+    return f"{stack[:3]} {router_label(layer, router)}" if both else router_label(layer, router)
+
+
+def _cell(row: dict, key: str | None, fmt: str, both: bool = False) -> Text:
     if key is None:
         return Text(f"{row['experts']}/{row['top_k']}" if "top_k" in row else f"{row['experts']}")
     value = row[key]
     if key == "layer":
-        return Text(router_label(value, row["router"]))
+        return Text(stack_label(value, row["router"], row.get("stack", "decoder"), both))
     if isinstance(value, float) and math.isnan(value):
         return Text("–", style="dim")
     return Text(fmt.format(value), style="bold red" if key == "dead_experts" and value > 0 else "")
@@ -86,11 +96,14 @@ def summary_table(layers: pd.DataFrame, capacity_factors: list[float], width: in
     Columns absent from ``layers`` (engine records lack probabilities, for instance) are left out.
     """
     columns = list(_SUMMARY_COLUMNS) + [(f"drop@{cf:g}", drop_column(cf), "{:.1%}", 2) for cf in capacity_factors]
+    if "drop_rate" in layers and layers["drop_rate"].notna().any():  # routers that drop over capacity themselves
+        columns.insert(len(_SUMMARY_COLUMNS), ("dropped", "drop_rate", "{:.1%}", 1))
     columns = [c for c in columns if c[1] is None or c[1] in layers.columns]
     if "repeat_first" not in layers.columns and "repeat_any" in layers.columns:
         columns.append(("rep∩", "repeat_any", "{:.2f}", 5))
     records = layers.to_dict("records")
-    cells = {c[0]: [_cell(r, c[1], c[2]) for r in records] for c in columns}
+    both = two_stacks(layers)
+    cells = {c[0]: [_cell(r, c[1], c[2], both) for r in records] for c in columns}
 
     def needed(cols: list) -> int:
         return sum(max([len(c[0])] + [len(t.plain) for t in cells[c[0]]]) + 3 for c in cols) + 1
@@ -111,10 +124,12 @@ def heatmap(experts: pd.DataFrame, width: int, color_system: str | None = "truec
     # groups of 8 cells plus a space; room for a " 192-255" range label when a row wraps
     per_line = max(8, min(128, (width - label_width - 10) // 9 * 8))
     lines: list[Text] = [Text("Expert load relative to uniform (share × E), one cell per expert", style="bold")]
-    for (layer, router), group in experts.groupby(["layer", "router"], sort=False):
+    both = two_stacks(experts)
+    stacks = experts["stack"] if "stack" in experts else pd.Series("decoder", index=experts.index)
+    for (stack, layer, router), group in experts.groupby([stacks, "layer", "router"], sort=False):
         shares = group.sort_values("expert")["share"].to_numpy()
         ratios = shares * len(shares)
-        label = f"L{router_label(layer, router)}"
+        label = stack_label(layer, router, stack, both) if both else f"L{router_label(layer, router)}"
         for start in range(0, len(ratios), per_line):
             line = Text(f"{label if start == 0 else '':>{label_width - 1}} ")
             for i, ratio in enumerate(ratios[start : start + per_line]):
@@ -202,11 +217,13 @@ def heatmap_figure(experts: pd.DataFrame, title: str = "") -> Any:
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    keys = list(dict.fromkeys(zip(experts["layer"], experts["router"], strict=True)))
+    both = two_stacks(experts)
+    stacks = experts["stack"] if "stack" in experts else pd.Series("decoder", index=experts.index)
+    keys = list(dict.fromkeys(zip(stacks, experts["layer"], experts["router"], strict=True)))
     width = int(experts["expert"].max()) + 1
     grid = np.full((len(keys), width), np.nan)
-    for row, (layer, router) in enumerate(keys):
-        group = experts[(experts["layer"] == layer) & (experts["router"] == router)]
+    for row, (stack, layer, router) in enumerate(keys):
+        group = experts[(stacks == stack) & (experts["layer"] == layer) & (experts["router"] == router)]
         ratio = group["share"].to_numpy() * len(group)
         grid[row, group["expert"].to_numpy()] = np.log2(np.clip(ratio, 1 / 64, None))
     fig_width = min(4 + width * 0.08, 24)
@@ -215,7 +232,7 @@ def heatmap_figure(experts: pd.DataFrame, title: str = "") -> Any:
     lines = textwrap.wrap(title, width=max(20, int(fig_width * 72 / (0.6 * _TITLE_POINTS))), break_long_words=True)
     fig, ax = plt.subplots(figsize=(fig_width, 1.5 + len(keys) * 0.25 + 0.2 * len(lines)), layout="constrained")
     image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0, vmin=-3, vmax=3))
-    ax.set_yticks(range(len(keys)), [router_label(layer, router) for layer, router in keys])
+    ax.set_yticks(range(len(keys)), [stack_label(layer, router, stack, both) for stack, layer, router in keys])
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     fig.suptitle("\n".join(lines), fontsize=_TITLE_POINTS)

@@ -88,7 +88,10 @@ def render_route(frame: pd.DataFrame, console: Console) -> None:
     if len(stacks) > 1:  # encoder-decoder: each stack has its own positions and layers
         for stack in stacks:
             console.print(f"[bold]{stack}[/bold]")
-            render_route(frame[frame["stack"] == stack].reset_index(drop=True), console)
+            part = frame[frame["stack"] == stack].reset_index(drop=True)
+            part.attrs = {**frame.attrs, "generated_text": ""}  # said once, after the decoder's block
+            render_route(part, console)
+        _generated(frame, console)
         return
     k = int(frame["rank"].max()) + 1
     console.print(
@@ -97,6 +100,10 @@ def render_route(frame: pd.DataFrame, console: Console) -> None:
     )
     for table in route_tables(frame, console.width):
         console.print(table)
+    _generated(frame, console)
+
+
+def _generated(frame: pd.DataFrame, console: Console) -> None:
     generated = frame.attrs.get("generated_text")
     if generated:
         console.print(Text("generated: ", style="bold") + Text(escape_controls(generated), style="italic green"))

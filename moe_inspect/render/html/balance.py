@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from moe_inspect.render.balance import two_stacks
 from moe_inspect.render.html.charts import HEATMAP_CSS, HEATMAP_SCRIPT, heatmap, line_chart
 from moe_inspect.render.html.page import Raw, diverging_css, document, esc, table
 from moe_inspect.render.tokens import top_token_lines
@@ -13,6 +14,7 @@ _TABLE_COLUMNS = (
     ("effective_experts", "effective E"), ("router_entropy", "router entropy"), ("top1_prob", "top-1 prob"),
     ("max_over_mean", "max/mean"), ("cv", "CV"), ("dead_experts", "dead"), ("aux_loss", "aux loss"),
     ("vocab_specialization", "vocab spec."), ("vocab_specialization_random", "vocab spec. random"),
+    ("drop_rate", "dropped (measured)"),
 )
 
 
@@ -32,6 +34,37 @@ def _meta(run: dict) -> str:
     return '<p class="meta">' + " · ".join(parts) + "</p>"
 
 
+def _charts(frame: pd.DataFrame, stack: str | None) -> list[str]:
+    """The per-layer line charts of one stack (titles name it when the model has two)."""
+    x = frame["layer"].tolist()
+    suffix = f" ({stack})" if stack else ""
+    charts = [
+        line_chart(x, {"load entropy": frame.load_entropy, "router entropy": frame.router_entropy},
+                   "Entropy (normalised, 1 = uniform)" + suffix, y_range=(0.0, 1.0)),
+        line_chart(x, {"max / mean": frame.max_over_mean}, "Busiest expert / mean" + suffix, reference=1.0),
+    ]
+    drops = _drop_columns(frame)
+    if drops:
+        charts.append(
+            line_chart(x, {f"capacity factor {c[len('drop_rate_cf'):]}": frame[c] for c in drops},
+                       "Dropped assignments at capacity" + suffix,
+                       y_range=(0.0, max(float(frame[drops].max().max()), 0.01)))
+        )
+    if "vocab_specialization" in frame:
+        charts.append(
+            line_chart(x, {"vocab specialisation": frame.vocab_specialization,
+                           "random baseline": frame.vocab_specialization_random},
+                       "Vocabulary specialisation" + suffix, y_range=(0.0, 1.0))
+        )
+    if "drop_rate" in frame and frame["drop_rate"].notna().any():
+        charts.append(
+            line_chart(x, {"dropped by the router": frame.drop_rate},
+                       "Measured drop rate (the model's capacity)" + suffix,
+                       y_range=(0.0, max(float(frame.drop_rate.max()), 0.01)))
+        )
+    return charts
+
+
 def balance_html(
     layers: pd.DataFrame,
     experts: pd.DataFrame,
@@ -43,7 +76,12 @@ def balance_html(
     run = run or {}
     mlp_layers = layers[layers.router == "mlp"] if "router" in layers else layers
     mlp_experts = experts[experts.router == "mlp"] if "router" in experts else experts
-    per_layer_e = mlp_experts.merge(mlp_layers[["layer", "experts"]], on="layer", how="left")
+    both = two_stacks(mlp_layers)
+    keys = ["stack", "layer"] if "stack" in mlp_layers and "stack" in mlp_experts else ["layer"]
+    per_layer_e = mlp_experts.merge(mlp_layers[[*keys, "experts"]], on=keys, how="left")
+    if both:  # rows named 'enc 1', 'dec 1': the heatmap groups rows by this label
+        labels = zip(per_layer_e["stack"], per_layer_e["layer"], strict=True)
+        per_layer_e["layer"] = [f"{stack[:3]} {layer}" for stack, layer in labels]
     body = [f"<h1>{esc(title or 'Expert load')}</h1>", _meta(run)]
     body.append("<h2>Load per expert (share × E; 1 = uniform)</h2>")
     body.append(
@@ -56,27 +94,17 @@ def balance_html(
         '<p class="note">Rows are MoE layers, columns experts. Purple: fewer tokens than uniform; orange: more. '
         "Hover a cell for its exact value.</p>"
     )
-    x = mlp_layers["layer"].tolist()
+    stacks = list(dict.fromkeys(mlp_layers["stack"])) if both else [None]
     charts = [
-        line_chart(x, {"load entropy": mlp_layers.load_entropy, "router entropy": mlp_layers.router_entropy},
-                   "Entropy (normalised, 1 = uniform)", y_range=(0.0, 1.0)),
-        line_chart(x, {"max / mean": mlp_layers.max_over_mean}, "Busiest expert / mean", reference=1.0),
+        chart
+        for stack in stacks
+        for chart in _charts(mlp_layers if stack is None else mlp_layers[mlp_layers["stack"] == stack], stack)
     ]
-    drops = _drop_columns(mlp_layers)
-    if drops:
-        charts.append(
-            line_chart(x, {f"capacity factor {c[len('drop_rate_cf'):]}": mlp_layers[c] for c in drops},
-                       "Dropped assignments at capacity",
-                       y_range=(0.0, max(float(mlp_layers[drops].max().max()), 0.01)))
-        )
-    if "vocab_specialization" in mlp_layers:
-        charts.append(
-            line_chart(x, {"vocab specialisation": mlp_layers.vocab_specialization,
-                           "random baseline": mlp_layers.vocab_specialization_random},
-                       "Vocabulary specialisation", y_range=(0.0, 1.0))
-        )
     body.append('<h2>Per layer</h2><div class="charts">' + "".join(charts) + "</div>")
-    cols = [(c, h) for c, h in _TABLE_COLUMNS if c in layers] + [(c, f"drop @{c[12:]}") for c in drops]
+    measured = "drop_rate" in layers and layers["drop_rate"].notna().any()
+    drops = _drop_columns(layers)
+    cols = [(c, h) for c, h in _TABLE_COLUMNS if c in layers and (c != "drop_rate" or measured)]
+    cols += [(c, f"drop @{c[12:]}") for c in drops]
     rows = []
     for record in layers.to_dict("records"):
         row: list = []
@@ -86,6 +114,8 @@ def balance_html(
                 value = Raw(f"<strong>{int(value)} dead</strong>")
             elif c == "layer" and record.get("router") == "attention":
                 value = f"{value} (attention)"
+            elif c == "layer" and both:
+                value = f"{record['stack']} {value}"
             row.append(value)
         rows.append(row)
     body.append(table([h for _, h in cols], rows, caption="Per-layer figures (layers.csv)"))
