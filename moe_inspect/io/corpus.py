@@ -158,6 +158,8 @@ class Batch:
     attention_mask: torch.Tensor  # (B, S) int64, 1 = real token
     tokens: int  # real tokens in this batch
     bytes_done: int  # corpus bytes consumed so far (for progress)
+    modality: torch.Tensor | None = None  # (B, S) index into families.MODALITIES per token; None: all text
+    model_inputs: dict[str, Any] | None = None  # a processor's other inputs (pixel_values...), for image batches
 
 
 def check_file(name: str) -> CorpusFile:
