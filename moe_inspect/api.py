@@ -82,6 +82,10 @@ class Inspector:
             self._processor = load_processor(self.loaded.model_id, self.loaded.revision)
         return self._processor
 
+    @processor.setter
+    def processor(self, processor: Any) -> None:
+        self._processor = processor
+
     @property
     def model(self) -> Any:
         return self.loaded.model
@@ -205,8 +209,8 @@ class Inspector:
             reader.batches() if reader is not None else (),
             image_batches(processor, files, prompt, batch_size, self.model.config, text_bytes),
         )
-        info = {**(_corpus_info(reader) if reader is not None else {"batch_size": batch_size}),
-                "images": len(files), "image_prompt": prompt}
+        no_text = {"seq_len": None, "batch_size": batch_size, "mode": "images", "max_tokens": None}
+        info = {**(_corpus_info(reader) if reader else no_text), "images": len(files), "image_prompt": prompt}
         report = run_balance(
             self.loaded, stream, tuple(factors), progress, info, top_tokens, min_count, token_layers,
             by_modality=True,

@@ -65,7 +65,12 @@ def build(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AriaForConditionalGeneration(aria_config(tokenizer))
-    _randomize_routing(model, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    _randomize_routing(model, generator)
+    with torch.no_grad():  # at init scale (0.02) every query attends alike: all image tokens would route the same
+        for param in model.model.multi_modal_projector.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.5, generator=generator)
     return model.eval(), tokenizer
 
 

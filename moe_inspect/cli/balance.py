@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moe_inspect.analysis.modality import DEFAULT_IMAGE_PROMPT
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
 from moe_inspect.errors import UserError
@@ -25,14 +26,30 @@ BALANCE_EXAMPLES = """Examples:
   zcat big.txt.gz | moe-inspect balance - --plot load.png
 
   moe-inspect balance code.txt --top-tokens 8 --html balance.html
+
+  moe-inspect balance prose.txt --images photos/ -m rhymes-ai/Aria --out runs/aria
 """
+
+
+def image_folder_for(folder: Path, load: LoadOptions, model_id: str) -> tuple[list[Path], Any]:
+    """The folder's image files and the model's processor, or the one-sentence refusal, before any weights load."""
+    from moe_inspect.io.images import check_image, image_files
+    from moe_inspect.model.source import check_takes_images, load_config, load_processor
+
+    check_takes_images(load_config(model_id, load.revision, load.trust_remote_code), model_id)
+    files = image_files(folder)
+    for path in files:
+        check_image(path)
+    return files, load_processor(model_id, load.revision, load.trust_remote_code)
 
 
 @user_errors
 @with_load_options()
 def balance(
-    corpus: Annotated[list[str], typer.Argument(help="UTF-8 text files; '-' reads standard input.")],
     load: LoadOptions,
+    corpus: Annotated[
+        list[str] | None, typer.Argument(help="UTF-8 text files; '-' reads standard input.", show_default=False)
+    ] = None,
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
     ] = None,
@@ -74,6 +91,13 @@ def balance(
         bool,
         flag("--by-file", help="Measure each file on its own too: a source column, one block per file plus 'all'."),
     ] = False,
+    images: Annotated[
+        Path | None,
+        typer.Option("--images", help="Vision-language models: route each image file in this folder, by modality."),
+    ] = None,
+    image_prompt: Annotated[
+        str | None, typer.Option("--image-prompt", help="Text routed after each image (default: a short neutral one).")
+    ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -99,18 +123,25 @@ def balance(
     if html is not None:
         check_output(html, "--html")
     token_layers = parse_layers(top_token_layers)
-    files = check_files(corpus)
+    if not corpus and images is None:
+        raise UserError("Give text files to measure, or an image folder with --images.")
+    files = check_files(corpus) if corpus else []
     model_id, _ = resolve_model(load.model)
+    image_list, processor = image_folder_for(images, load, model_id) if images is not None else ([], None)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
-    reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens)
-    reader.check_long_enough()
+    reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens) if files else None
+    if reader is not None:
+        reader.check_long_enough()
     factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     distributed.setup()  # under torchrun: join the process group first, so each rank loads onto its own GPU
     insp = load_for_cli(load, output if distributed.is_main() else Output(quiet=True), tokenizer)
-    if batch_size is None:
+    if processor is not None:
+        insp.processor = processor
+    if batch_size is None and reader is not None:
         reader.batch_size = default_batch_size(insp.loaded, seq_len)
-    total = reader.total_bytes if max_tokens is None else max_tokens
+    image_bytes = sum(f.stat().st_size for f in image_list)
+    total = (reader.total_bytes if reader else 0) + image_bytes if max_tokens is None else max_tokens
     with Progress(
         TextColumn("[bold]routing"),
         BarColumn(),
@@ -137,6 +168,8 @@ def balance(
         report = insp.balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
             top_token_layers=token_layers, by_file=by_file,
+            **({"images": image_list, "image_prompt": image_prompt or DEFAULT_IMAGE_PROMPT, "batch_size": batch_size}
+               if images is not None else {}),
         )
     if not distributed.is_main():
         return  # rank 0 holds the reduced report and writes it once
