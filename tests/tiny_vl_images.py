@@ -42,6 +42,7 @@ def aria_config(tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     """tiny_seq2seq_vl's generic Aria config, sized for the real processor's 490-pixel images."""
     config = generic_vl_config("aria")
     config.text_config.vocab_size = len(tokenizer)
+    config.text_config.max_position_embeddings = 2048  # two images of 256 tokens and a prompt
     config.image_token_index = tokenizer.image_token_id
     config.vision_config.image_size = IMAGE_SIZE
     config.vision_config.patch_size = PATCH
