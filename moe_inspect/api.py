@@ -204,13 +204,15 @@ class Inspector:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
         batch_size = corpus_options.get("batch_size") or (reader.batch_size if reader else DEFAULT_IMAGE_BATCH)
-        text_bytes = reader.total_bytes if reader is not None else 0
+        text_bytes = (reader.total_bytes or 0) if reader is not None else 0
         stream = itertools.chain(
             reader.batches() if reader is not None else (),
             image_batches(processor, files, prompt, batch_size, self.model.config, text_bytes),
         )
         no_text = {"seq_len": None, "batch_size": batch_size, "mode": "images", "max_tokens": None}
-        info = {**(_corpus_info(reader) if reader else no_text), "images": len(files), "image_prompt": prompt}
+        info = {
+            **(_corpus_info(reader) if reader is not None else no_text), "images": len(files), "image_prompt": prompt
+        }
         report = run_balance(
             self.loaded, stream, tuple(factors), progress, info, top_tokens, min_count, token_layers,
             by_modality=True,

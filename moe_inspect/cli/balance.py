@@ -141,7 +141,8 @@ def balance(
     if batch_size is None and reader is not None:
         reader.batch_size = default_batch_size(insp.loaded, seq_len)
     image_bytes = sum(f.stat().st_size for f in image_list)
-    total = (reader.total_bytes if reader else 0) + image_bytes if max_tokens is None else max_tokens
+    text_bytes = reader.total_bytes if reader is not None else 0
+    total = max_tokens if max_tokens is not None else None if text_bytes is None else text_bytes + image_bytes
     with Progress(
         TextColumn("[bold]routing"),
         BarColumn(),
