@@ -329,6 +329,8 @@ class Inspector:
         through the encoder and ``target`` (default: the decoder's start token) through the decoder.
         """
         selected = self._check_layers(layers) if layers is not None else None
+        if images:
+            check_takes_images(self.model.config, self.loaded.model_id)
         if self.loaded.is_seq2seq:
             return self._route_seq2seq(text, target, generate, seed, selected)
         if target is not None:
