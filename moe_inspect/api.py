@@ -144,7 +144,7 @@ class Inspector:
         top_token_layers: Iterable[int] | None = None,
         by_file: bool = False,
         images: str | Path | Sequence[str | Path] | None = None,
-        image_prompt: str = DEFAULT_IMAGE_PROMPT,
+        image_prompt: str | None = None,
         **corpus_options: Any,
     ) -> BalanceReport:
         """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
@@ -156,7 +156,8 @@ class Inspector:
         ``top_token_layers`` limits the counting (memory: see ``analysis.token_counts``) to those decoder layers.
         ``by_file`` measures each text/file on its own (``max_tokens`` then caps each) and adds a ``source``
         column to ``layers`` and ``experts``: one block per file, then ``all``.
-        ``images`` (a folder, or image paths) routes each image with ``image_prompt`` through the model's processor,
+        ``images`` (a folder, or image paths) routes each image with ``image_prompt`` (default
+        ``analysis.modality.DEFAULT_IMAGE_PROMPT``) through the model's processor,
         after any texts/files, and splits the tables by ``modality`` (see ``analysis.modality``).
         """
         if self.loaded.is_seq2seq:
@@ -189,13 +190,14 @@ class Inspector:
         return report
 
     def _balance_images(
-        self, texts: Any, images: Any, prompt: str, factors: Sequence[float], reader: CorpusReader | None,
+        self, texts: Any, images: Any, prompt: str | None, factors: Sequence[float], reader: CorpusReader | None,
         progress: Progress | None, top_tokens: int, min_count: int, token_layers: Any, by_file: bool,
         corpus_options: dict[str, Any],
     ) -> BalanceReport:
         """``balance`` over image files (and any texts/files before them), split by modality."""
         if by_file:
             raise UserError("Per-file blocks and images cannot be combined; balance images apart from `by_file`.")
+        prompt = DEFAULT_IMAGE_PROMPT if prompt is None else prompt
         files = image_files(images) if isinstance(images, str | Path) else [Path(p) for p in images]
         if not files:
             raise UserError("No image files were given.")

@@ -52,7 +52,9 @@ def _prompt_text(processor: Any, prompt: str, images: int) -> str:
     placeholder = getattr(processor, "image_token", None)
     if not placeholder:
         raise UserError("The processor has neither a chat template nor an image placeholder token to place images.")
-    return placeholder * images + prompt
+    # Qwen-VL processors name the markers their template wraps each image in; others have none
+    start, end = getattr(processor, "vision_start_token", "") or "", getattr(processor, "vision_end_token", "") or ""
+    return f"{start}{placeholder}{end}" * images + prompt
 
 
 def processor_inputs(processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moe_inspect.analysis.modality import DEFAULT_IMAGE_PROMPT
 from moe_inspect.cli.common import Output, err, load_for_cli, out, save, user_errors
 from moe_inspect.cli.options import JsonOpt, QuietOpt, flag, parse_layers, with_load_options
 from moe_inspect.errors import UserError
@@ -169,7 +168,7 @@ def balance(
         report = insp.balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
             top_token_layers=token_layers, by_file=by_file,
-            **({"images": image_list, "image_prompt": image_prompt or DEFAULT_IMAGE_PROMPT, "batch_size": batch_size}
+            **({"images": image_list, "image_prompt": image_prompt, "batch_size": batch_size}
                if images is not None else {}),
         )
     if not distributed.is_main():
