@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,13 +18,8 @@ from moe_inspect.analysis.ablate import AblationReport, build_plan, run_ablation
 from moe_inspect.analysis.ablate import Progress as AblateProgress
 from moe_inspect.analysis.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.analysis.batching import default_batch_size
-from moe_inspect.analysis.modality import (
-    DEFAULT_IMAGE_PROMPT,
-    image_batches,
-    modality_codes,
-    modality_names,
-    processor_inputs,
-)
+from moe_inspect.analysis.image_balance import balance_images
+from moe_inspect.analysis.modality import DEFAULT_IMAGE_PROMPT, modality_codes, modality_names, processor_inputs
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.tables import route_frame, routers_frame
 from moe_inspect.errors import UserError
@@ -205,23 +199,14 @@ class Inspector:
         if reader is None and (texts or corpus_options.get("files")):
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
-        batch_size = corpus_options.get("batch_size") or (reader.batch_size if reader else DEFAULT_IMAGE_BATCH)
-        text_bytes = (reader.total_bytes or 0) if reader is not None else 0
-        stream = itertools.chain(
-            reader.batches() if reader is not None else (),
-            image_batches(processor, files, prompt, batch_size, self.model.config, text_bytes),
+        batch_size = corpus_options.get("batch_size") or (
+            reader.batch_size if reader is not None else DEFAULT_IMAGE_BATCH
         )
-        no_text = {"seq_len": None, "batch_size": batch_size, "mode": "images", "max_tokens": None}
-        info = {
-            **(_corpus_info(reader) if reader is not None else no_text), "images": len(files), "image_prompt": prompt
-        }
-        report = run_balance(
-            self.loaded, stream, tuple(factors), progress, info, top_tokens, min_count, token_layers,
-            by_modality=True,
+        return balance_images(
+            self.loaded, processor, files, prompt, batch_size, reader,
+            _corpus_info(reader) if reader is not None else None, tuple(factors), progress, top_tokens, min_count,
+            token_layers,
         )
-        report.run["corpus"] = [f.describe() for f in reader.files] if reader is not None else []
-        report.run["image_files"] = [str(f) for f in files]
-        return report
 
     def compare(
         self,
