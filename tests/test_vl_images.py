@@ -251,3 +251,38 @@ def test_refusals_are_one_sentence_before_the_weights(
     ]
     for args, needle in cases:
         assert_one_line_error(runner.invoke(app, args), needle)
+
+
+def test_qwen3_vl_images_route_and_pad_like_one_at_a_time(tmp_path: Path) -> None:
+    """Qwen3-VL-MoE's forward with images (its 3-D RoPE positions come from the grid and the mask), through a
+    stand-in for its processor (tiny_vl_images.QwenImageStandIn: the real one needs torchvision here)."""
+    from tiny_vl_images import save_qwen3_vl
+
+    import moe_inspect
+
+    folder, stand_in = save_qwen3_vl(tmp_path / "qwen3_vl_moe")
+    insp = moe_inspect.load(str(folder), device="cpu", processor=stand_in)
+    square, wide = tmp_path / "a.png", tmp_path / "b.png"
+    gradient(64).save(square)
+    gradient(32, seed=1).resize((48, 32)).save(wide)
+    frame = insp.route(PROMPT, images=[square, wide])
+    grid = stand_in.image_processor(images=[gradient(64), gradient(32).resize((48, 32))])["image_grid_thw"]
+    expected = int((grid.prod(-1) // 4).sum())
+    assert expected == 16 + 6
+    k = insp.loaded.routers[0].top_k
+    assert (frame.groupby("layer")["modality"].apply(lambda m: int((m == "image").sum())) == expected * k).all()
+    # two images of different sizes in one padded batch route exactly as each alone
+    together = insp.balance(images=[square, wide], batch_size=2)
+    alone = insp.balance(images=[square, wide], batch_size=1)
+    assert together.run["batches"] == 1 and alone.run["batches"] == 2
+    pd.testing.assert_frame_equal(together.experts, alone.experts)
+    image_tokens = together.layers[together.layers["modality"] == "image"]["tokens"]
+    assert (image_tokens == expected).all()
+    # balance's image batches count what route's forward (the model's own positions) routed, expert by expert
+    from moe_inspect.analysis.modality import DEFAULT_IMAGE_PROMPT
+
+    one = insp.balance(images=[square], batch_size=1).experts
+    rows = insp.route(DEFAULT_IMAGE_PROMPT, images=[square])
+    counted = rows.groupby(["layer", "expert"]).size()
+    measured = one[one["modality"] == "all"].set_index(["layer", "expert"])["count"]
+    assert measured[measured > 0].to_dict() == counted.to_dict()

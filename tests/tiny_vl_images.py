@@ -104,3 +104,62 @@ def image_folder(path: Path, count: int = 3) -> Path:
         gradient(seed=i).save(path / f"img{i}.{'png' if i % 2 == 0 else 'jpg'}")
     (path / "notes.txt").write_text("not an image\n", encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------ Qwen3-VL-MoE without its real processor
+
+QWEN_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class QwenImageStandIn:
+    """Qwen3VLProcessor's image path alone: its real Qwen2-VL image processor (Pillow backend) and its expansion of
+    each <|image_pad|> into image_grid_thw.prod() // merge_size**2 tokens. The real processor cannot be built here
+    (its video processor needs torchvision), so this checks the model side (multimodal RoPE over padded batches),
+    not the processor."""
+
+    chat_template = None
+    image_token, vision_start_token, vision_end_token = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # pads before the image: the mask and 3-D positions must handle them
+        self.image_processor = Qwen2VLImageProcessorPil(
+            patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
+        )
+
+    def __call__(self, text: list[str], images: list[list], padding: bool = True, return_tensors: str = "pt") -> dict:
+        flat = [image for per_text in images for image in per_text]
+        pixels = self.image_processor(images=flat, return_tensors=return_tensors)
+        counts = iter((pixels["image_grid_thw"].prod(-1) // 4).tolist())
+        expanded = []
+        for t in text:
+            while self.image_token in t:
+                t = t.replace(self.image_token, "\0" * next(counts), 1)
+            expanded.append(t.replace("\0", self.image_token))
+        encoded = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors)
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        types = (encoded["input_ids"] == image_id).int()  # what the real processor returns: 1 image, 2 video
+        return {**encoded, **pixels, "mm_token_type_ids": types}
+
+
+def save_qwen3_vl(path: Path) -> tuple[Path, QwenImageStandIn]:
+    """tiny_seq2seq_vl's Qwen3-VL-MoE with Qwen's image tokens added to the tokenizer (ids in the config)."""
+    import transformers
+    from tiny_seq2seq_vl import vl_config
+
+    tokenizer = train_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS)})
+    config = vl_config()
+    config.text_config.vocab_size = len(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(list(QWEN_TOKENS))
+    config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id = ids
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    _randomize_routing(model.eval(), torch.Generator().manual_seed(0))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, QwenImageStandIn(tokenizer)
