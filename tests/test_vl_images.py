@@ -286,3 +286,18 @@ def test_qwen3_vl_images_route_and_pad_like_one_at_a_time(tmp_path: Path) -> Non
     counted = rows.groupby(["layer", "expert"]).size()
     measured = one[one["modality"] == "all"].set_index(["layer", "expert"])["count"]
     assert measured[measured > 0].to_dict() == counted.to_dict()
+
+
+def test_api_takes_pil_images_and_refuses_in_one_sentence(aria, picture: Path, folder: Path, tiny_inspector) -> None:
+    from PIL import Image
+
+    from moe_inspect.errors import UserError
+
+    from_pil = aria.route(PROMPT, images=[Image.open(picture)])
+    pd.testing.assert_frame_equal(from_pil, aria.route(PROMPT, images=[picture]))
+    with pytest.raises(UserError, match=r"^'.*' is a text-only model \(mixtral\); it takes no images\.$"):
+        tiny_inspector("mixtral").route(PROMPT, images=[picture])
+    with pytest.raises(UserError, match="Per-file blocks and images cannot be combined"):
+        aria.balance(["some text"], images=folder, by_file=True)
+    with pytest.raises(UserError, match="An image must be a file path or a PIL image, not int"):
+        aria.route(PROMPT, images=[3])
