@@ -19,10 +19,13 @@ from moe_inspect.analysis.ablate import Progress as AblateProgress
 from moe_inspect.analysis.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.analysis.batching import default_batch_size
 from moe_inspect.analysis.encoder_decoder import capacity_rule
+from moe_inspect.analysis.image_balance import balance_images
+from moe_inspect.analysis.modality import DEFAULT_IMAGE_PROMPT, modality_codes, modality_names, processor_inputs
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.tables import route_frame, routers_frame
 from moe_inspect.errors import UserError
 from moe_inspect.io.corpus import CorpusFile, CorpusReader, check_files
+from moe_inspect.io.images import image_files
 from moe_inspect.io.targets import check_aligned, paired_batches, target_source
 from moe_inspect.io.tokens import token_bytes
 from moe_inspect.model.capture import capture
@@ -34,6 +37,8 @@ from moe_inspect.model.source import (
     IMAGE_TEXT,
     check_prompt_length,
     check_seq_len,
+    check_takes_images,
+    load_processor,
     load_tokenizer,
     positions_limit,
     resolve_model,
@@ -42,6 +47,9 @@ from moe_inspect.units import layer_ranges
 
 if TYPE_CHECKING:
     from moe_inspect.analysis.compare import CompareReport
+
+DEFAULT_IMAGE_BATCH = 4
+"""Images per forward in ``balance`` unless a batch size is given (each image is a few hundred tokens)."""
 
 
 def _corpus_info(reader: CorpusReader, **extra: Any) -> dict[str, Any]:
@@ -58,8 +66,21 @@ def _corpus_info(reader: CorpusReader, **extra: Any) -> dict[str, Any]:
 class Inspector:
     """A loaded MoE model with its routers hooked on demand."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, processor: Any = None) -> None:
         self.loaded = loaded
+        self._processor = processor
+
+    @property
+    def processor(self) -> Any:
+        """The checkpoint's own processor (vision-language models), loaded offline on first use."""
+        if self._processor is None:
+            check_takes_images(self.model.config, self.loaded.model_id)
+            self._processor = load_processor(self.loaded.model_id, self.loaded.revision)
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Any) -> None:
+        self._processor = processor
 
     @property
     def model(self) -> Any:
@@ -120,6 +141,8 @@ class Inspector:
         by_file: bool = False,
         targets: str | Path | Iterable[str] | None = None,
         seed: int | None = None,
+        images: str | Path | Sequence[str | Path] | None = None,
+        image_prompt: str | None = None,
         **corpus_options: Any,
     ) -> BalanceReport:
         """Expert load, entropy, balance and what-if figures over a corpus (tables of ``schemas``).
@@ -135,6 +158,9 @@ class Inspector:
         Encoder-decoders route each line or window through the encoder and their decoder over its start token, or
         over ``targets`` (a file path or lines, one per source line; needs ``lines=True``); ``seed`` seeds torch
         first (NLLB-MoE's random second-expert policies). ``run["capacity"]`` states the routers' capacity rule.
+        ``images`` (a folder, or image paths) routes each image with ``image_prompt`` (default
+        ``analysis.modality.DEFAULT_IMAGE_PROMPT``) through the model's processor,
+        after any texts/files, and splits the tables by ``modality`` (see ``analysis.modality``).
         """
         seq2seq = self.loaded.is_seq2seq
         if seq2seq and top_tokens:
@@ -146,6 +172,11 @@ class Inspector:
             raise UserError("`top_tokens` must be at least 0 and `min_count` at least 1.")
         if top_tokens and top_token_layers is not None:
             top_token_layers = self._check_layers(top_token_layers, "top_token_layers")
+        if images is not None:
+            return self._balance_images(
+                texts, images, image_prompt, capacity_factors, reader, progress, top_tokens, min_count,
+                top_token_layers, by_file, corpus_options,
+            )
         if reader is None:
             reader = self.corpus(texts, **corpus_options)
             reader.check_long_enough()
@@ -177,6 +208,31 @@ class Inspector:
         if reader.mode != "lines":
             report.run["unrouted_tail_tokens"] = sum(r.unrouted_tail_tokens for r in readers)
         return report
+
+    def _balance_images(
+        self, texts: Any, images: Any, prompt: str | None, factors: Sequence[float], reader: CorpusReader | None,
+        progress: Progress | None, top_tokens: int, min_count: int, token_layers: Any, by_file: bool,
+        corpus_options: dict[str, Any],
+    ) -> BalanceReport:
+        """``balance`` over image files (and any texts/files before them), split by modality."""
+        if by_file:
+            raise UserError("Per-file blocks and images cannot be combined; balance images apart from `by_file`.")
+        prompt = DEFAULT_IMAGE_PROMPT if prompt is None else prompt
+        files = image_files(images) if isinstance(images, str | Path) else [Path(p) for p in images]
+        if not files:
+            raise UserError("No image files were given.")
+        processor = self.processor
+        if reader is None and (texts or corpus_options.get("files")):
+            reader = self.corpus(texts, **corpus_options)
+            reader.check_long_enough()
+        batch_size = corpus_options.get("batch_size") or (
+            reader.batch_size if reader is not None else DEFAULT_IMAGE_BATCH
+        )
+        return balance_images(
+            self.loaded, processor, files, prompt, batch_size, reader,
+            _corpus_info(reader) if reader is not None else None, tuple(factors), progress, top_tokens, min_count,
+            token_layers,
+        )
 
     def compare(
         self,
@@ -274,18 +330,34 @@ class Inspector:
         seed: int | None = None,
         layers: Iterable[int] | None = None,
         target: str | None = None,
+        images: Sequence[str | Path | Any] | None = None,
     ) -> pd.DataFrame:
         """Per-token routing of ``text`` (and of ``generate`` new tokens), schema ``schemas.ROUTE``.
+
+        ``images`` (paths or PIL images; vision-language models) go through the model's processor with ``text``:
+        the whole model runs (vision tower, then language model) and image tokens are routed with the text, their
+        rows marked ``modality`` = ``image``.
 
         ``frame.attrs`` holds ``text``, ``generated_text`` and ``prompt_tokens``. Encoder-decoders route ``text``
         through the encoder and ``target`` (default: the decoder's start token) through the decoder.
         """
         selected = self._check_layers(layers) if layers is not None else None
+        if images:
+            check_takes_images(self.model.config, self.loaded.model_id)
         if self.loaded.is_seq2seq:
             return self._route_seq2seq(text, target, generate, temperature, seed, selected)
         if target is not None:
             raise UserError("A `target` is only for encoder-decoder models; this one is decoder-only.")
-        encoded = self.tokenizer(text, return_tensors="pt")
+        extra: dict[str, Any] = {}
+        if images:
+            if generate:
+                raise UserError("Generating after images is not supported yet; route the prompt and images alone.")
+            extra = processor_inputs(self.processor, [text], [list(images)])
+            encoded = {"input_ids": extra.pop("input_ids")}
+            extra.pop("attention_mask", None)  # one unpadded sequence; multimodal RoPE then needs no mask
+            extra = {name: value.to(self.loaded.input_device) for name, value in extra.items()}
+        else:
+            encoded = self.tokenizer(text, return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.loaded.input_device)
         if input_ids.shape[1] == 0:
             raise UserError("The prompt tokenized to zero tokens.")
@@ -295,7 +367,9 @@ class Inspector:
             if generate > 0:
                 ids = self._generate(input_ids, generate, temperature, seed)
             else:
-                if self.loaded.kind == IMAGE_TEXT:  # the whole multimodal forward, text tokens only
+                if extra:  # vision tower, then language model; no head
+                    routing_forward(self.loaded, input_ids, **extra)
+                elif self.loaded.kind == IMAGE_TEXT:  # the whole multimodal forward, text tokens only
                     self.model(**self.loaded.forward_inputs(input_ids))
                 else:
                     routing_forward(self.loaded, input_ids)
@@ -304,7 +378,8 @@ class Inspector:
         phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
         strings = self._token_strings(token_ids)
         raw = token_bytes(self.tokenizer, token_ids, strings)
-        frame = route_frame(self.loaded.routers, cap.calls, token_ids, strings, phases, raw)
+        modality = modality_names(modality_codes(ids.cpu(), self.model.config)) if extra else None
+        frame = route_frame(self.loaded.routers, cap.calls, token_ids, strings, phases, raw, modality)
         if selected is not None:
             frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         frame.attrs.update(
@@ -366,7 +441,9 @@ class Inspector:
         return sequence[0]
 
 
-def load(model: str | LoadOptions | None = None, *, tokenizer: Any = None, **fields: Any) -> Inspector:
+def load(
+    model: str | LoadOptions | None = None, *, tokenizer: Any = None, processor: Any = None, **fields: Any
+) -> Inspector:
     """Load a Hub id or local folder (default: the shipped demo model) and return an Inspector.
 
     ``fields`` are those of ``LoadOptions`` (dtype, device, revision, trust_remote_code, device_map,
@@ -379,4 +456,4 @@ def load(model: str | LoadOptions | None = None, *, tokenizer: Any = None, **fie
         if unknown:
             raise TypeError(f"load() got unexpected keyword argument(s): {', '.join(unknown)}")
         options = LoadOptions(model=model, **fields)
-    return Inspector(load_model(options, tokenizer=tokenizer))
+    return Inspector(load_model(options, tokenizer=tokenizer), processor)

@@ -16,6 +16,7 @@ from moe_inspect.analysis.accumulate import BalanceAccumulator, sum_totals
 from moe_inspect.analysis.batching import BatchMemory
 from moe_inspect.analysis.encoder_decoder import decoder_inputs
 from moe_inspect.analysis.interrupts import interrupts_deferred
+from moe_inspect.analysis.modality import ModalitySplit, load_distance
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.run_info import environment, model_identity
 from moe_inspect.analysis.run_info import package_versions as package_versions
@@ -74,7 +75,7 @@ def check_capacity_factors(factors: tuple[float, ...]) -> tuple[float, ...]:
 
 def _route(
     loaded: LoadedModel,
-    accumulator: BalanceAccumulator,
+    accumulator: BalanceAccumulator | ModalitySplit,
     counter: TokenCounter | None,
     memory: BatchMemory,
     batches: Iterable[Batch],
@@ -90,7 +91,10 @@ def _route(
         with no_grad_context(loaded.model), capture(loaded.routers, sink=fan_out(accumulator, counter), keep=False):
             for batch in batches:
                 decoder = decoder_inputs(loaded, batch) if loaded.is_seq2seq else None
-                accumulator.begin_batch(batch.attention_mask, None if decoder is None else decoder[1])
+                if isinstance(accumulator, ModalitySplit):
+                    accumulator.begin_batch(batch.attention_mask, batch.modality)
+                else:
+                    accumulator.begin_batch(batch.attention_mask, None if decoder is None else decoder[1])
                 if counter is not None:
                     counter.begin_batch(batch.input_ids, batch.attention_mask)
                 memory.start()
@@ -100,6 +104,9 @@ def _route(
                         "decoder_input_ids": decoder[0].to(device, non_blocking=True),
                         "decoder_attention_mask": decoder[1].to(device, non_blocking=True),
                     }
+                elif batch.model_inputs is not None:
+                    # Image batches leave positions to the model (multimodal RoPE derives them from the image grid).
+                    extra = {name: value.to(device) for name, value in batch.model_inputs.items()}
                 else:
                     # Positions count real tokens only, so left padding also works for absolute position embeddings.
                     positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
@@ -123,10 +130,10 @@ def _route(
     return tokens, False
 
 
-def _with_source(blocks: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
-    """Stack per-source tables with a leading ``source`` column."""
-    frame = pd.concat([table.assign(source=name) for name, table in blocks], ignore_index=True)
-    return frame[["source", *frame.columns[:-1]]]
+def _with_source(blocks: list[tuple[str, pd.DataFrame]], column: str = "source") -> pd.DataFrame:
+    """Stack per-source (or per-modality) tables with a leading ``column``."""
+    frame = pd.concat([table.assign(**{column: name}) for name, table in blocks], ignore_index=True)
+    return frame[[column, *frame.columns[:-1]]]
 
 
 def run_balance(
@@ -139,6 +146,7 @@ def run_balance(
     min_count: int = 5,
     token_layers: Iterable[int] | None = None,
     sources: Sequence[tuple[str, Iterable[Batch]]] | None = None,
+    by_modality: bool = False,
 ) -> BalanceReport:
     """Stream ``batches`` through the model; Ctrl-C stops early and returns what was accumulated (partial).
 
@@ -146,6 +154,8 @@ def run_balance(
     ``source`` column: one block of rows per source, then ``all`` (their sums, which equal one run over all).
     ``top_tokens`` > 0 also counts token ids per expert (``analysis.token_counts``) for ``expert_tokens``, over
     the whole corpus, in the decoder layers ``token_layers`` (default all MoE layers).
+    ``by_modality`` (image batches: ``analysis.modality``) splits the same way by each token's ``modality`` in one
+    pass: a block per modality present, then ``all``; layers gain ``image_text_tv`` (``modality.load_distance``).
     """
     capacity_factors = check_capacity_factors(capacity_factors)
     counter = TokenCounter(loaded.routers, token_layers, len(loaded.tokenizer)) if top_tokens > 0 else None
@@ -155,16 +165,19 @@ def run_balance(
     tokens = 0
     partial = False
     started = time.perf_counter()
+    split = ModalitySplit(loaded.routers, capacity_factors, loaded.model.config) if by_modality else None
     for name, stream in streams:
         accumulator = BalanceAccumulator(loaded.routers, capacity_factors)
         # Under torchrun each rank routes its own share of the batches and the sums are reduced once at the end.
-        done, partial = _route(loaded, accumulator, counter, memory, distributed.shard(stream), progress)
-        accumulators.append((name, accumulator))
-        tokens += distributed.reduce_accumulator(accumulator, done)
+        done, partial = _route(loaded, split or accumulator, counter, memory, distributed.shard(stream), progress)
+        accumulators.append((name, split.all if split else accumulator))
+        for part in split.parts.values() if split else ():
+            distributed.reduce_accumulator(part, 0)
+        tokens += distributed.reduce_accumulator(split.all if split else accumulator, done)
         if partial:
             break
     elapsed = time.perf_counter() - started
-    per_source = [(name, acc.finish()) for name, acc in accumulators]
+    per_source = split.blocks() if split else [(name, acc.finish()) for name, acc in accumulators]
     blocks = per_source if sources is None else [*per_source, ("all", sum_totals([t for _, t in per_source]))]
     run = {
         **model_identity(loaded),
@@ -183,7 +196,13 @@ def run_balance(
     if sources is not None:
         run["sources"] = [name for name, _ in per_source]
     coactivation = coactivation_frame(blocks[-1][1])  # over everything routed ('all' with sources)
-    if sources is None:
+    if split is not None:
+        run["modalities"] = [name for name, _ in blocks[:-1]]
+        layers = _with_source([(name, layers_frame(t, capacity_factors)) for name, t in blocks], "modality")
+        experts = _with_source([(name, experts_frame(t)) for name, t in blocks], "modality")
+        layers = layers.merge(load_distance(blocks).rename(columns={"tv": "image_text_tv"}), on=["layer", "router"],
+                              how="left")
+    elif sources is None:
         layers, experts = layers_frame(blocks[0][1], capacity_factors), experts_frame(blocks[0][1])
     else:
         layers = _with_source([(name, layers_frame(t, capacity_factors)) for name, t in blocks])

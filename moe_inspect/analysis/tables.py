@@ -54,15 +54,18 @@ def route_frame(
     tokens: Sequence[str],
     phases: Sequence[str] | None = None,
     token_bytes: Sequence[bytes] | None = None,
+    modality: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """One row per (token, router, rank), sorted by position, then router order, then rank.
 
-    ``calls[i]`` are router i's outputs for a single sequence whose rows are ``token_ids`` in order.
+    ``calls[i]`` are router i's outputs for a single sequence whose rows are ``token_ids`` in order; ``modality``
+    says per position what the model embedded there (default all ``text``).
     """
     n = len(token_ids)
     phases = list(phases) if phases is not None else ["prefill"] * n
     raw = token_bytes if token_bytes is not None else [t.encode("utf-8") for t in tokens]
     hexes = np.asarray([hex_label(b) for b in raw], dtype=object)
+    modalities = np.asarray(list(modality) if modality is not None else ["text"] * n, dtype=object)
     parts: list[pd.DataFrame] = []
     for spec, router_calls in zip(routers, calls, strict=True):
         if not router_calls:
@@ -102,6 +105,7 @@ def route_frame(
                     "phase": np.asarray(phases, dtype=object)[position],
                     "expert_type": expert_type,
                     "stack": spec.stack,
+                    "modality": modalities[position],
                     "_order": spec.index,
                 }
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,14 +24,30 @@ BALANCE_EXAMPLES = """Examples:
   zcat big.txt.gz | moe-inspect balance - --plot load.png
 
   moe-inspect balance code.txt --top-tokens 8 --html balance.html
+
+  moe-inspect balance prose.txt --images photos/ -m rhymes-ai/Aria --out runs/aria
 """
+
+
+def image_folder_for(folder: Path, load: LoadOptions, model_id: str) -> tuple[list[Path], Any]:
+    """The folder's image files and the model's processor, or the one-sentence refusal, before any weights load."""
+    from moe_inspect.io.images import check_image, image_files
+    from moe_inspect.model.source import check_takes_images, load_config, load_processor
+
+    check_takes_images(load_config(model_id, load.revision, load.trust_remote_code), model_id)
+    files = image_files(folder)
+    for path in files:
+        check_image(path)
+    return files, load_processor(model_id, load.revision, load.trust_remote_code)
 
 
 @user_errors
 @with_load_options()
 def balance(
-    corpus: Annotated[list[str], typer.Argument(help="UTF-8 text files; '-' reads standard input.")],
     load: LoadOptions,
+    corpus: Annotated[
+        list[str] | None, typer.Argument(help="UTF-8 text files; '-' reads standard input.", show_default=False)
+    ] = None,
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
     ] = None,
@@ -82,6 +98,13 @@ def balance(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Random seed (NLLB-MoE's random second-expert policies).")
     ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option("--images", help="Vision-language models: route each image file in this folder, by modality."),
+    ] = None,
+    image_prompt: Annotated[
+        str | None, typer.Option("--image-prompt", help="Text routed after each image (default: a short neutral one).")
+    ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -107,12 +130,16 @@ def balance(
     if html is not None:
         check_output(html, "--html")
     token_layers = parse_layers(top_token_layers)
-    files = check_files(corpus)
+    if not corpus and images is None:
+        raise UserError("Give text files to measure, or an image folder with --images.")
+    files = check_files(corpus) if corpus else []
     model_id, _ = resolve_model(load.model)
+    image_list, processor = image_folder_for(images, load, model_id) if images is not None else ([], None)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
-    reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens)
-    reader.check_long_enough()
+    reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens) if files else None
+    if reader is not None:
+        reader.check_long_enough()
     factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     targets = None
     if target_file is not None:  # refused before the weights load: a decoder-only model, no --lines, line counts
@@ -124,9 +151,13 @@ def balance(
         check_aligned(reader, targets)
     distributed.setup()  # under torchrun: join the process group first, so each rank loads onto its own GPU
     insp = load_for_cli(load, output if distributed.is_main() else Output(quiet=True), tokenizer)
-    if batch_size is None:
+    if processor is not None:
+        insp.processor = processor
+    if batch_size is None and reader is not None:
         reader.batch_size = default_batch_size(insp.loaded, seq_len)
-    total = reader.total_bytes if max_tokens is None else max_tokens
+    image_bytes = sum(f.stat().st_size for f in image_list)
+    text_bytes = reader.total_bytes if reader is not None else 0
+    total = max_tokens if max_tokens is not None else None if text_bytes is None else text_bytes + image_bytes
     from moe_inspect.cli.progress import progress_bar
 
     detail = "{task.fields[tokens]:,} tokens · {task.fields[rate]:,.0f} tok/s"
@@ -146,6 +177,8 @@ def balance(
         report = insp.balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
             top_token_layers=token_layers, by_file=by_file, targets=targets, seed=seed,
+            **({"images": image_list, "image_prompt": image_prompt, "batch_size": batch_size}
+               if images is not None else {}),
         )
     if not distributed.is_main():
         return  # rank 0 holds the reduced report and writes it once

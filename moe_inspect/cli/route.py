@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,7 +24,23 @@ ROUTE_EXAMPLES = """Examples:
   moe-inspect route "Once upon a time" --generate 20 --csv story.csv
 
   moe-inspect route "def add(a, b): return a + b" --html route.html
+
+  moe-inspect route "What is in the picture?" --image cat.png -m Qwen/Qwen3-VL-30B-A3B-Instruct --csv cat.csv
 """
+
+
+def image_processor_for(images: list[Path], load: LoadOptions, model_id: str, generate: int = 0) -> Any:
+    """Every refusal images can meet, before any weights load: the model takes none, a file is not an image, the
+    checkpoint ships no processor. Returns the processor."""
+    from moe_inspect.io.images import check_image
+    from moe_inspect.model.source import check_takes_images, load_config, load_processor
+
+    if generate:
+        raise UserError("Generating after images is not supported yet; route the prompt and images alone.")
+    check_takes_images(load_config(model_id, load.revision, load.trust_remote_code), model_id)
+    for path in images:
+        check_image(path)
+    return load_processor(model_id, load.revision, load.trust_remote_code)
 
 
 def _strip_one_newline(text: str) -> str:
@@ -63,6 +79,10 @@ def route(
         str | None,
         typer.Option("--target", help="Encoder-decoder models: the decoder prefix to route (default: start token)."),
     ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="Vision-language models: an image to route with the prompt; repeat for several."),
+    ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -84,11 +104,17 @@ def route(
     if html is not None:
         check_output(html, "--html")
     model_id, _ = resolve_model(load.model)
+    processor = image_processor_for(image, load, model_id, generate) if image else None  # before the weights load
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     limit = max_positions(model_id, load.revision, load.trust_remote_code)
     check_prompt_length(len(tokenizer(text)["input_ids"]), generate, limit)  # before the weights load
     insp = load_for_cli(load, output, tokenizer)
-    frame = insp.route(text, generate=generate, temperature=temperature, seed=seed, layers=selected, target=target)
+    if processor is not None:
+        insp.processor = processor
+    frame = insp.route(
+        text, generate=generate, temperature=temperature, seed=seed, layers=selected, target=target,
+        images=image or None,
+    )
     if json_output:
         output.json({**frame.attrs, "rows": frame})
     elif output.tables:

@@ -161,6 +161,8 @@ class Batch:
     # encoder-decoders with aligned targets (io.targets): the decoder's rows, right-padded, 1 = real token
     decoder_input_ids: torch.Tensor | None = None
     decoder_attention_mask: torch.Tensor | None = None
+    modality: torch.Tensor | None = None  # (B, S) index into families.MODALITIES per token; None: all text
+    model_inputs: dict[str, Any] | None = None  # a processor's other inputs (pixel_values...), for image batches
 
 
 def check_file(name: str) -> CorpusFile:

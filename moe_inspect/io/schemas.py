@@ -65,6 +65,11 @@ ROUTE = Schema(
         ),
         Column("token_bytes", "string", "the token's exact bytes in hex, e.g. '<E6 9D>' (tells partial UTF-8 apart)"),
         STACK,
+        Column(
+            "modality", "string",
+            "what the model embedded at the position: 'text', or 'image', 'video', 'audio' for a vision-language "
+            "model's placeholder tokens (told apart by the config's token ids)",
+        ),
     ),
 )
 

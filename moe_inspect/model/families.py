@@ -246,3 +246,26 @@ def check_supported(config: object) -> None:
     model_type = str(getattr(config, "model_type", ""))
     if model_type in REFUSED:
         raise UserError(f"moe-inspect cannot route '{model_type}' checkpoints yet: {REFUSED[model_type]}.")
+
+
+# Which config attributes name the placeholder token a vision-language model replaces by each modality's features
+# (Qwen-VL and Qwen-Omni use *_token_id, Aria, Mistral-Large-4 and LLaVA-style configs *_token_index).
+MODALITY_TOKEN_ATTRS: dict[str, tuple[str, ...]] = {
+    "image": ("image_token_id", "image_token_index"),
+    "video": ("video_token_id", "video_token_index"),
+    "audio": ("audio_token_id", "audio_token_index"),
+}
+MODALITIES = ("text", *MODALITY_TOKEN_ATTRS)
+"""Every ``modality`` a route row or balance block can carry, in table order; code i is ``MODALITIES[i]``."""
+
+
+def modality_token_ids(config: object) -> dict[str, int]:
+    """modality -> the placeholder token id the config names for it (a text-only config names none)."""
+    found: dict[str, int] = {}
+    for modality, names in MODALITY_TOKEN_ATTRS.items():
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                found[modality] = value
+                break
+    return found

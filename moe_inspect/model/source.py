@@ -1,4 +1,4 @@
-"""From a model string to a config and a tokenizer: the one place that resolves, checks and words errors.
+"""From a model string to a config, a tokenizer and a processor: the one place that resolves, checks and words errors.
 
 A model string is a Hub id, a local model folder or (for ``info``) a config JSON file; no string means
 $MOE_INSPECT_MODEL, else the demo model shipped with the package. Every failure the user can fix becomes a
@@ -253,6 +253,59 @@ def load_tokenizer(model_id: str, revision: str | None = None, trust_remote_code
         # Pads are masked out everywhere, so any existing token will do; a new one would be out of vocabulary.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     return tokenizer
+
+
+# The files a checkpoint's processor is saved in (processor_config.json since transformers 4.5x; older ones only
+# have the image processor's preprocessor_config.json).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _processor_file(model_id: str, revision: str | None) -> str | None:
+    """The processor file a local folder or the Hub cache holds, if any (never asks the network)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return next((name for name in PROCESSOR_FILES if (path / name).is_file()), None)
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in PROCESSOR_FILES:
+        if isinstance(try_to_load_from_cache(model_id, name, revision=revision), str):
+            return name
+    return None
+
+
+def load_processor(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's own processor (image processor + tokenizer), refused in one sentence when it is not there.
+
+    Images only reach a vision-language model through the processor that ships with it: it resizes them and
+    expands each image placeholder into as many tokens as the vision tower makes, so nothing else can stand in.
+    """
+    from transformers import AutoProcessor
+
+    check_source(model_id, revision=revision)
+    if _processor_file(model_id, revision) is None and (hub_offline() or Path(model_id).expanduser().is_dir()):
+        raise UserError(
+            f"'{model_id}' ships no processor (no {' or '.join(PROCESSOR_FILES)}), so images cannot be "
+            "prepared for it offline."
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError, TypeError, AttributeError) as exc:
+        raise UserError(f"Could not load the processor of '{model_id}': {first_line(exc)}.") from None
+    if getattr(processor, "image_processor", None) is None:
+        raise UserError(f"The processor of '{model_id}' has no image processor, so it cannot prepare images.")
+    return processor
+
+
+def check_takes_images(config: Any, model_id: str) -> None:
+    """Refuse images for a checkpoint that has no vision input, before its processor or weights load."""
+    from moe_inspect.model.families import modality_token_ids
+
+    kind = model_kind(config)
+    if kind == SEQ2SEQ:
+        raise UserError(f"'{model_id}' is an encoder-decoder text model; it takes no images.")
+    if kind != IMAGE_TEXT or "image" not in modality_token_ids(config):
+        model_type = getattr(config, "model_type", "unknown")
+        raise UserError(f"'{model_id}' is a text-only model ({model_type}); it takes no images.")
 
 
 # What a checkpoint is decides which class loads it: the issue-17 rule, in one place.

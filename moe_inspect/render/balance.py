@@ -22,6 +22,7 @@ from moe_inspect.analysis.tables import drop_column
 from moe_inspect.errors import UserError
 from moe_inspect.io.export import atomic_path
 from moe_inspect.io.schemas import router_label
+from moe_inspect.render.modality import render_modalities
 
 # log2(share * E) buckets from cold to hot; the middle one is "about uniform". Each bucket has a colour for
 # 256-colour/true-colour terminals, a distinct one of the 16 standard colours (hex colours collapse there, two
@@ -149,10 +150,11 @@ def heatmap(experts: pd.DataFrame, width: int, color_system: str | None = "truec
 
 
 def overall(frame: pd.DataFrame) -> pd.DataFrame:
-    """The ``all`` block of a ``--by-file`` table (the table itself otherwise)."""
-    if "source" not in frame:
+    """The ``all`` block of a ``--by-file`` (``source``) or image (``modality``) table (the table itself otherwise)."""
+    column = next((c for c in ("source", "modality") if c in frame), None)
+    if column is None:
         return frame
-    return frame[frame["source"] == "all"].drop(columns="source").reset_index(drop=True)
+    return frame[frame[column] == "all"].drop(columns=column).reset_index(drop=True)
 
 
 def render_balance(report: BalanceReport, console: Console) -> None:
@@ -160,13 +162,16 @@ def render_balance(report: BalanceReport, console: Console) -> None:
     run = report.run
     console.print(summary_table(overall(report.layers), run["capacity_factors"], console.width))
     console.print(heatmap(overall(report.experts), console.width, console.color_system))
+    if "modality" in report.layers:
+        render_modalities(report, console, heatmap)
     if run.get("source") == "engine record":
         console.print(_record_footer(run))
         return
     note = " (partial: interrupted)" if run.get("partial") else ""
+    shape = f"{run['seq_len']} ({run['mode']})" if run.get("seq_len") else "images"
     console.print(
         f"[dim]{run['tokens']:,} tokens in {run['batches']} batches of up to {run['batch_size']} × "
-        f"{run['seq_len']} ({run['mode']}), {run['elapsed_s']:.1f} s, {run['tokens_per_s'] or 0:,.0f} tokens/s"
+        f"{shape}, {run['elapsed_s']:.1f} s, {run['tokens_per_s'] or 0:,.0f} tokens/s"
         f"{note}[/dim]"
     )
 

@@ -37,7 +37,10 @@ def render_balance_extras(report: BalanceReport, out: Console) -> None:
 
 
 def balance_page(report: BalanceReport) -> str:
-    return balance_html(report.layers, report.experts, report.run, report.expert_tokens)
+    """The page over every token: the ``all`` block of a per-file or per-modality run."""
+    from moe_inspect.render.balance import overall
+
+    return balance_html(overall(report.layers), overall(report.experts), report.run, report.expert_tokens)
 
 
 def route_page(frame: pd.DataFrame, routers: Sequence[RouterSpec], model: str) -> str:

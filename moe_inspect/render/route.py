@@ -20,6 +20,30 @@ PALETTE = (
 )
 _CELL_WIDTH = 8
 _TOKEN_WIDTH = 14
+RUN_SHOWN = (2, 1)
+"""Of a run of identical image (video, audio) placeholders longer than ``sum + 1``, the first and last rows shown."""
+
+
+def shown_rows(tokens: pd.DataFrame) -> list[tuple[str, object]]:
+    """('row', token row) in order, with each long run of one repeated non-text placeholder cut to its first and
+    last rows around one ('gap', (count, modality)) entry: a 256-token image would otherwise fill the screen."""
+    rows = list(tokens.itertuples(index=False))
+    modality = [getattr(r, "modality", "text") for r in rows]
+    out: list[tuple[str, object]] = []
+    i = 0
+    while i < len(rows):
+        j = i
+        while modality[i] != "text" and j + 1 < len(rows) and rows[j + 1].token_id == rows[i].token_id:
+            j += 1
+        head, tail = RUN_SHOWN
+        if j - i + 1 > head + tail + 1:
+            out += [("row", r) for r in rows[i : i + head]]
+            out.append(("gap", (j - i + 1 - head - tail, modality[i])))
+            out += [("row", r) for r in rows[j - tail + 1 : j + 1]]
+        else:
+            out += [("row", r) for r in rows[i : j + 1]]
+        i = j + 1
+    return out
 
 
 def escape_controls(text: str) -> str:
@@ -53,8 +77,11 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
     labels = list(dict.fromkeys(zip(frame["layer"], frame["router"], strict=True)))
     per_table = max(1, (width - _TOKEN_WIDTH - 12) // (_CELL_WIDTH + 3))
     cells = {key: _cell(group) for key, group in frame.groupby(["position", "layer", "router"], sort=False)}
-    tokens = frame.drop_duplicates("position")[["position", "token", "token_bytes", "phase"]]
+    columns = ["position", "token_id", "token", "token_bytes", "phase"]
+    tokens = frame.drop_duplicates("position")[columns + (["modality"] if "modality" in frame else [])]
     generated = bool((tokens["phase"] == "decode").any())  # a phase column only when there is a decode phase
+    mixed = "modality" in tokens and bool((tokens["modality"] != "text").any())  # a modality column for images
+    rows = shown_rows(tokens)
     tables = []
     for start in range(0, len(labels), per_table):
         chunk = labels[start : start + per_table]
@@ -64,14 +91,22 @@ def route_tables(frame: pd.DataFrame, width: int) -> list[Table]:
         table.add_column("pos", justify="right", style="dim")
         if generated:
             table.add_column("phase", style="dim")
+        if mixed:
+            table.add_column("modality")
         table.add_column("token", max_width=_TOKEN_WIDTH, no_wrap=True)
         for layer, router in chunk:
             table.add_column(f"L{router_label(layer, router)}", justify="right")
-        for row in tokens.itertuples(index=False):
-            style = "italic green" if row.phase == "decode" else ""
+        for kind, row in rows:
+            if kind == "gap":
+                count, modality = row  # type: ignore[misc]
+                gap = Text(f"… {count} more", style="dim magenta")
+                table.add_row("…", *([Text("")] if generated else []), Text(modality, style="magenta"), gap)
+                continue
+            style = "italic green" if row.phase == "decode" else ("magenta" if mixed and row.modality != "text" else "")
             table.add_row(
                 str(row.position),
                 *([Text(row.phase)] if generated else []),
+                *([Text(row.modality, style="magenta" if row.modality != "text" else "dim")] if mixed else []),
                 Text(byte_label(label_bytes(row.token_bytes)) or visible_token(row.token), style=style),
                 *[cells.get((row.position, layer, router), Text("")) for layer, router in chunk],
             )
@@ -98,6 +133,13 @@ def render_route(frame: pd.DataFrame, console: Console) -> None:
         f"[bold]{frame['position'].nunique()} tokens × {frame.groupby(['layer', 'router']).ngroups} MoE routers"
         f"[/bold], top-{k}: each cell lists expert and combine weight, first choice on top."
     )
+    if "modality" in frame and (frame["modality"] != "text").any():
+        counts = frame.drop_duplicates("position")["modality"].value_counts()
+        parts = [f"{int(counts[m])} {m}" for m in counts.index if m != "text"]
+        console.print(
+            f"{', '.join(parts)} token(s) (magenta) routed with {int(counts.get('text', 0))} text tokens; runs of one "
+            "repeated placeholder are cut here, never in --csv."
+        )
     for table in route_tables(frame, console.width):
         console.print(table)
     _generated(frame, console)

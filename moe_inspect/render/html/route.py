@@ -19,6 +19,7 @@ _CSS = """
 max-height:60vh;overflow:auto}
 .t{border-radius:2px;padding:1px 0;cursor:default;box-shadow:inset -1px 0 #fff}
 .t.decode{text-decoration:underline dotted}
+.t.media{outline:1px dashed #808;outline-offset:-1px}
 #card{position:sticky;top:0;background:#fff;border:1px solid #333;padding:6px 10px;margin:8px 0;min-height:3em;
 font-size:13px}
 #card table{border-collapse:collapse}#card td,#card th{padding:0 8px;text-align:right}
@@ -37,7 +38,7 @@ function cls(e,l){return e>=D.experts[l]?'xn':'x'+e;}
 function f(v){return v===null?'–':Number(v).toPrecision(3);}
 function paint(){var l=sel.selectedIndex;
  for(var i=0;i<spans.length;i++){var s=spans[i],p=+s.dataset.i,e=D.first[l][p];
-  s.className='t '+cls(e,l)+(D.decode[p]?' decode':'');s.dataset.expert=e;}
+  s.className='t '+cls(e,l)+(D.decode[p]?' decode':'')+(D.media[p]?' media':'');s.dataset.expert=e;}
  document.getElementById('shown').textContent=D.layers[l];}
 function show(ev){var s=ev.target.closest('.t');if(!s)return;var p=+s.dataset.i,l=sel.selectedIndex;
  var rows='';for(var r=0;r<D.k;r++){var e=D.topk[l][p][r];if(e===null)continue;
@@ -92,6 +93,10 @@ def route_html(
     decode = [False] * n
     for p, t, ph in zip(tokens_frame.position, tokens_frame.token, tokens_frame.phase, strict=True):
         tokens[int(p)], decode[int(p)] = str(t), ph == "decode"
+    media = [False] * n  # image (video, audio) placeholder positions, outlined
+    if "modality" in tokens_frame:
+        for p, m in zip(tokens_frame.position, tokens_frame.modality, strict=True):
+            media[int(p)] = m != "text"
     k = int(frame["rank"].max()) + 1
     per_layer = {layer_: _layer_arrays(rows, n, k) for layer_, rows in frame.groupby("layer")}
     routed = frame[frame.expert_type == "routed"] if "expert_type" in frame else frame
@@ -108,7 +113,8 @@ def route_html(
         return "xn" if e >= e_of[layer_] or e < 0 else f"x{e}"
 
     spans = "".join(
-        f'<span class="t {klass(shown, int(first[shown][p]))}{" decode" if decode[p] else ""}" tabindex="0" '
+        f'<span class="t {klass(shown, int(first[shown][p]))}{" decode" if decode[p] else ""}'
+        f'{" media" if media[p] else ""}" tabindex="0" '
         f'data-i="{p}" data-expert="{int(first[shown][p])}">{esc(tokens[p])}</span>'
         for p in range(n)
     )
@@ -124,6 +130,7 @@ def route_html(
         "layers": layers,
         "tokens": tokens,
         "decode": decode,
+        "media": media,
         "k": k,
         "experts": [e_of[x] for x in layers],
         "first": [first[x] for x in layers],
@@ -138,7 +145,8 @@ def route_html(
     body = (
         f"<h1>Routing of {n} tokens</h1>"
         f'<p class="meta">model <code>{esc(model)}</code> · {len(layers)} MoE layers · top-{k} · '
-        "each token coloured by its first-choice expert</p>"
+        "each token coloured by its first-choice expert"
+        f"{' · image/video/audio tokens outlined (dashed)' if any(media) else ''}</p>"
         f'<div class="controls"><label for="layer">Layer</label><select id="layer">{options}</select>'
         f'<span>showing layer <strong id="shown">{shown}</strong></span></div>'
         f'<ul class="legend" aria-label="expert colours">{swatches}</ul>'
