@@ -162,6 +162,7 @@ def test_cli_refuses_targets_before_the_weights_load(folders, tmp_path: Path, mo
     cases = [
         (["-m", str(folders["nllb-moe"]), "--lines"], "The target file has 3 lines but the corpus has 5"),
         (["-m", str(folders["nllb-moe"]), "--seq-len", "8"], "Aligned targets pair lines"),
+        (["-m", str(folders["nllb-moe"])], "Aligned targets pair lines"),  # a corpus shorter than one window
         (["-m", str(demo_model_path()), "--lines"], "Aligned targets are only for encoder-decoder models"),
     ]
     for extra, sentence in cases:

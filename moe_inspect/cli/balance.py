@@ -138,8 +138,6 @@ def balance(
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens) if files else None
-    if reader is not None:
-        reader.check_long_enough()
     factors = check_capacity_factors(tuple(capacity_factor)) if capacity_factor else DEFAULT_CAPACITY_FACTORS
     targets = None
     if target_file is not None:  # refused before the weights load: a decoder-only model, no --lines, line counts
@@ -149,6 +147,8 @@ def balance(
         config = load_config(model_id, load.revision, load.trust_remote_code)
         targets = target_source(str(target_file), model_kind(config) == SEQ2SEQ)
         check_aligned(reader, targets)
+    if reader is not None:
+        reader.check_long_enough()  # after the target checks: without --lines, that is the sentence to read
     distributed.setup()  # under torchrun: join the process group first, so each rank loads onto its own GPU
     insp = load_for_cli(load, output if distributed.is_main() else Output(quiet=True), tokenizer)
     if processor is not None:
