@@ -208,6 +208,10 @@ def test_cli_end_to_end(aria_dir: Path, picture: Path, folder: Path, tmp_path: P
     assert list(layers.columns[:2]) == ["modality", "layer"] and "image_text_tv" in layers
     assert set(experts["modality"]) == {"text", "image", "all"}
     assert "Image vs text expert load, total-variation distance per layer" in balance.stdout
+    # --quiet is quiet with images too: loading the processor imports transformers' quantizers (torchao's kernel
+    # messages and pytree warnings came out before the loggers were muted at the start of every command)
+    quiet = _cli("route", PROMPT, "-m", str(aria_dir), "--image", str(picture), "-q", "--csv", "q.csv", cwd=tmp_path)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
 
 
 @pytest.fixture(scope="module")

@@ -54,12 +54,21 @@ def exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminate)
 
 
+def mute_library_loggers() -> None:
+    """torchao, when installed, is imported by transformers (its loader, and its processors too) and logs its
+    missing GPU kernels, and torch's pytree warns about torchao's enums; transformers' quantizers warn that a
+    pre-quantized checkpoint is dequantized, which the status line says too. Naming a logger imports nothing."""
+    for name in ("torchao", "torch.utils._pytree", "transformers.quantizers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def user_errors(func: F) -> F:
     """One sentence on stderr and exit code 2 for errors the user caused; bugs still raise; a closed pipe is
     a quiet success."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        mute_library_loggers()  # before anything imports transformers (processors, configs, weights)
         try:
             return func(*args, **kwargs)
         except BrokenPipeError:
@@ -111,10 +120,7 @@ def _quiet_libraries() -> Iterator[list[warnings.WarningMessage]]:
     # bitsandbytes logs on every int8 matmul that fp32 inputs are cast, and on CPU that an optional
     # kernel package is missing; the status line below says what matters.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # torchao, when installed, is imported by transformers' loader and logs its missing GPU kernels; transformers'
-    # quantizers warn that a pre-quantized checkpoint is dequantized, which the status line says too.
-    for name in ("torchao", "torch.utils._pytree", "transformers.quantizers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    mute_library_loggers()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         yield caught
