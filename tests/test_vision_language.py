@@ -57,8 +57,8 @@ def test_kind_and_class_come_from_the_config(vl_dir: Path, vl) -> None:
     assert all(spec.path.startswith("model.language_model.layers.") for spec in vl.loaded.routers)
     assert len(vl.loaded.routers) == 3
     assert vl.loaded.notes == [
-        "Text prompts route through the language model (model.language_model); model.visual loaded for image "
-        "inputs, not run on text prompts."
+        "Text and image tokens route through the language model (model.language_model); model.visual runs only "
+        "when images are given."
     ]
 
 
@@ -67,7 +67,7 @@ def test_captured_experts_are_what_the_experts_received(model_type: str, vl_fami
     vl = vl_family(model_type)
     loaded = vl.loaded
     assert loaded.kind == IMAGE_TEXT
-    assert loaded.notes[0].startswith("Text prompts route through the language model (model.language_model)")
+    assert loaded.notes[0].startswith("Text and image tokens route through the language model (model.language_model)")
     received: dict[int, torch.Tensor] = {}
     weights: dict[int, torch.Tensor] = {}
     handles = []

@@ -101,8 +101,8 @@ def routed_part(model: nn.Module, routers: list[RouterSpec], kind: str) -> str |
         f"model.{name}" for name, _ in getattr(model, "model", nn.Module()).named_children()
     ]
     others = [t for t in towers if any(w in t for w in ("visual", "vision", "audio")) and t not in prefixes]
-    loaded = f"; {', '.join(others)} loaded for image inputs, not run on text prompts" if others else ""
-    return f"text prompts route through the language model ({', '.join(prefixes)}){loaded}"
+    towers_note = f"; {', '.join(others)} runs only when images are given" if others else ""
+    return f"text and image tokens route through the language model ({', '.join(prefixes)}){towers_note}"
 
 
 def resolve_device(device: str) -> str:
