@@ -231,7 +231,7 @@ class Inspector:
         return balance_images(
             self.loaded, processor, files, prompt, batch_size, reader,
             _corpus_info(reader) if reader is not None else None, tuple(factors), progress, top_tokens, min_count,
-            token_layers,
+            token_layers, max_tokens=reader.max_tokens if reader is not None else corpus_options.get("max_tokens"),
         )
 
     def compare(

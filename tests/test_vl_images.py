@@ -305,3 +305,18 @@ def test_api_takes_pil_images_and_refuses_in_one_sentence(aria, picture: Path, f
         aria.balance(["some text"], images=folder, by_file=True)
     with pytest.raises(UserError, match="An image must be a file path or a PIL image, not int"):
         aria.route(PROMPT, images=[3])
+
+
+def test_max_tokens_caps_text_and_images_together(aria, folder: Path) -> None:
+    """Images are whole units: the run takes the images whose tokens fit in what the text left, and no more."""
+    texts = ["def add(a, b): return a + b"]
+    text_tokens = int(aria.balance(texts).layers["tokens"].iloc[0])
+    three = aria.balance(images=folder, batch_size=3).layers
+    image_tokens = int(three[three["modality"] == "all"]["tokens"].iloc[0]) // 3  # 256 placeholders + the prompt
+    cap = text_tokens + 2 * image_tokens + 5  # room for two images, not three
+    report = aria.balance(texts, images=folder, batch_size=3, max_tokens=cap)
+    tokens = report.layers.pivot_table(index="layer", columns="modality", values="tokens")
+    assert (tokens["image"] == 2 * 256).all() and (tokens["all"] <= cap).all()
+    assert report.run["max_tokens"] == cap
+    alone = aria.balance(images=folder, batch_size=2, max_tokens=image_tokens)  # images only: one fits
+    assert (alone.layers.pivot_table(index="layer", columns="modality", values="tokens")["image"] == 256).all()

@@ -83,17 +83,42 @@ def batch_of(inputs: dict[str, Any], config: Any, bytes_done: int) -> Batch:
 
 
 def image_batches(
-    processor: Any, files: Sequence[Path], prompt: str, batch_size: int, config: Any, bytes_before: int = 0
+    processor: Any,
+    files: Sequence[Path],
+    prompt: str,
+    batch_size: int,
+    config: Any,
+    bytes_before: int = 0,
+    max_tokens: int | None = None,
 ) -> Iterator[Batch]:
     """One sequence per image file (the image, then ``prompt``), ``batch_size`` images per batch, opened per batch.
 
-    ``bytes_done`` counts image file bytes after ``bytes_before`` (the text corpus's), for progress.
+    ``bytes_done`` counts image file bytes after ``bytes_before`` (the text corpus's), for progress. With
+    ``max_tokens``, images are taken whole while their real tokens fit: an image's tokens are one unit (its
+    placeholder run stands for the whole picture), so the run stops before the first image that would overflow.
     """
-    done = bytes_before
+    done, left = bytes_before, max_tokens
     for chunk in image_chunks(files, batch_size):
         inputs = processor_inputs(processor, [prompt] * len(chunk), [[f] for f in chunk])
+        if left is not None:
+            fits = _images_that_fit(inputs, left)
+            if fits < len(chunk):  # prepared again for fewer images: a processor's tensors do not slice alike
+                chunk = chunk[:fits]
+                inputs = processor_inputs(processor, [prompt] * fits, [[f] for f in chunk]) if fits else {}
+        if not chunk:
+            return
         done += sum(f.stat().st_size for f in chunk)
-        yield batch_of(inputs, config, done)
+        batch = batch_of(inputs, config, done)
+        if left is not None:
+            left -= batch.tokens
+        yield batch
+
+
+def _images_that_fit(inputs: dict[str, Any], budget: int) -> int:
+    """How many leading sequences of a processed batch have real tokens adding up to at most ``budget``."""
+    mask = inputs.get("attention_mask")
+    per_row = inputs["input_ids"].shape[1] * torch.ones(len(inputs["input_ids"])) if mask is None else mask.sum(-1)
+    return int((per_row.cumsum(0) <= budget).sum())
 
 
 class ModalitySplit:

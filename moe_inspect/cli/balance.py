@@ -177,7 +177,8 @@ def balance(
         report = insp.balance(
             reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
             top_token_layers=token_layers, by_file=by_file, targets=targets, seed=seed,
-            **({"images": image_list, "image_prompt": image_prompt, "batch_size": batch_size}
+            **({"images": image_list, "image_prompt": image_prompt, "batch_size": batch_size,
+                "max_tokens": max_tokens}
                if images is not None else {}),
         )
     if not distributed.is_main():
