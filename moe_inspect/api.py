@@ -19,6 +19,7 @@ from moe_inspect.analysis.ablate import Progress as AblateProgress
 from moe_inspect.analysis.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.analysis.batching import default_batch_size
 from moe_inspect.analysis.encoder_decoder import capacity_rule
+from moe_inspect.analysis.generation import kv_cache, sampling_options
 from moe_inspect.analysis.image_balance import balance_images
 from moe_inspect.analysis.modality import DEFAULT_IMAGE_PROMPT, modality_codes, modality_names, processor_inputs
 from moe_inspect.analysis.routing_pass import routing_forward
@@ -416,23 +417,15 @@ class Inspector:
         """
         if seed is not None:
             torch.manual_seed(seed)
-        sample = temperature > 0
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=None,
-            top_p=None,
-            return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling_options(temperature, self.tokenizer.pad_token_id),
         )
         sequence = out.sequences
         if sequence.shape[1] > input_ids.shape[1]:
-            # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
-            new_name = "cache" in getattr(out, "__dataclass_fields__", {})
-            cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
+            cache = kv_cache(out)
             if self.loaded.kind == IMAGE_TEXT:
                 # Multimodal models derive 3-D RoPE positions from the mask; one unpadded sequence needs none.
                 self.model(input_ids=sequence[:, -1:], use_cache=True, **cache)

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from moe_inspect.analysis.generation import kv_cache, sampling_options
 from moe_inspect.analysis.tables import route_frame
 from moe_inspect.errors import UserError
 from moe_inspect.io import schemas
@@ -110,7 +111,6 @@ def generate_encoder_decoder(
     mask = torch.ones_like(ids)
     if seed is not None:
         torch.manual_seed(seed)
-    sample = temperature > 0
     with no_grad_context(model), capture(loaded.routers) as cap:
         encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
         out = model.generate(
@@ -119,18 +119,11 @@ def generate_encoder_decoder(
             decoder_input_ids=torch.tensor([prefix], device=device),
             decoder_start_token_id=prefix[0],  # else generate prepends its generation config's start token
             max_new_tokens=new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=None,
-            top_p=None,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
+            **sampling_options(temperature, tokenizer.pad_token_id),
         )
         sequence = out.sequences
         if sequence.shape[1] > len(prefix):
-            # transformers >= 5.2x names the KV cache `cache` (the old name warns with a site-packages path)
-            new_name = "cache" in getattr(out, "__dataclass_fields__", {})
-            cache: dict[str, Any] = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
+            cache = kv_cache(out)
             model.get_decoder()(
                 input_ids=sequence[:, -1:], encoder_hidden_states=encoded[0], encoder_attention_mask=mask,
                 use_cache=True, **cache,
