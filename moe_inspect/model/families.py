@@ -80,7 +80,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         for name in """
             aria_text dbrx flex_olmo gpt_oss granitemoe granitemoe_swa granitemoehybrid
             granitemoeshared hunyuan_v1_moe jamba mellum minimax mixtral olmoe qwen2_moe
-            qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next qwen4_exp qwen4_exp_text deepseek_v2
+            qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next qwen4_exp qwen4_exp_text deepseek_v2 mistral4
         """.split()
     },
     "cohere2_moe": FamilyFacts(scoring_attr="expert_selection_fn"),
@@ -205,7 +205,7 @@ REFUSED: dict[str, str] = {
     **{
         name: _UNCHECKED_VL
         for name in """
-            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm5_next mistral4 muse_spark step3p7 unlimited_ocr
+            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm5_next muse_spark step3p7 unlimited_ocr
         """.split()
     },
     "qwen3_omni_moe": "its checkpoint class also builds the speech talker and code-to-wave models, which moe-inspect "

@@ -312,6 +312,18 @@ def check_takes_images(config: Any, model_id: str) -> None:
 CAUSAL, IMAGE_TEXT, SEQ2SEQ = "causal-lm", "image-text-to-text", "seq2seq"
 
 
+def causal_lm_class_name(model_type: str) -> str | None:
+    """The causal-LM class of a model type: its AutoModelForCausalLM entry, or a ``*ForCausalLM`` class that
+    transformers files only under image-text-to-text (Mistral-4 in 5.24), which is a text model all the same."""
+    from transformers.models.auto import modeling_auto
+
+    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name is None:
+        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+        return name if isinstance(name, str) and name.endswith("ForCausalLM") else None
+    return name
+
+
 def model_kind(config: Any) -> str:
     """Which kind of model a config describes: causal LM, image-text-to-text (vision-language) or seq2seq.
 
@@ -323,7 +335,7 @@ def model_kind(config: Any) -> str:
     model_type = getattr(config, "model_type", "")
     if getattr(config, "is_encoder_decoder", False):
         return SEQ2SEQ
-    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if causal_lm_class_name(model_type):
         return CAUSAL
     if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return IMAGE_TEXT
@@ -344,8 +356,11 @@ def model_class(config: Any) -> Any:
     }
     mapping, auto_name = auto_classes[kind]
     auto = getattr(transformers, auto_name)
-    if getattr(config, "model_type", "") in mapping or getattr(config, "auto_map", None):
+    model_type = getattr(config, "model_type", "")
+    if model_type in mapping or getattr(config, "auto_map", None):
         return auto
+    if kind == CAUSAL and causal_lm_class_name(model_type):
+        return getattr(transformers, causal_lm_class_name(model_type))
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, str(name), None)
         if isinstance(cls, type) and str(name).endswith(("ForConditionalGeneration", "ForCausalLM")):
