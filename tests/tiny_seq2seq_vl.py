@@ -41,7 +41,7 @@ def vl_config() -> PretrainedConfig:
 
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
-    "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop",
+    "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop", "step3p7",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -60,6 +60,8 @@ _MROPE_4 = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 
 _VL_TEXT: dict[str, dict[str, Any]] = {
     "glm4v_moe": {"rope_parameters": {**_MROPE_4, "partial_rotary_factor": 0.5}},
     "hy_v4_vl": {"rope_parameters": _MROPE_4},
+    # Step-3.7: the default makes layers 0-2 dense; its text model builds a sliding mask whether or not it is used
+    "step3p7": {"mlp_layer_types": ["dense", "sparse", "sparse"], "sliding_window": 16},
 }
 _VL_TOWERS: dict[str, dict[str, Any]] = {
     "inkling2": {"text_hidden_size": 64}, "inkling2_loop": {"text_hidden_size": 64},

@@ -108,7 +108,7 @@ FAMILIES: dict[str, FamilyFacts] = {
             afmoe axk1 axk2 bailing_hybrid beam deepseek_v3 deepseek_v32 dots1 dots3_note
             dots3_note_text exaone_moe glm4_moe glm4_moe_lite glm_moe_dsa hy_v3 hy_v4 inkling
             inkling_text kimi_linear laguna lfm2_moe mimo_v2_flash minimax_m2 minimax_m3_vl
-            minimax_m3_vl_text nemotron_h solar_open
+            minimax_m3_vl_text nemotron_h solar_open step3p7 step3p5
         """.split()
     },
     "kolibri1": FamilyFacts(scoring="sigmoid", bias_corrected=True, note="bias added to raw logits"),
@@ -139,7 +139,7 @@ FAMILIES["nllb-moe"] = FamilyFacts(
 # Weight normalisation, for families whose modules hold no norm_topk_prob (reference file, sections 1-2).
 _WEIGHT_NORMS: dict[WeightNorm, str] = {
     "always": "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 "
-    "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya",
+    "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya step3p7 step3p5",
     "never": "jamba deepseek_v2 longcat_flash llama4 llama4_text",
     "softmax_over_chosen": "aria_text gpt_oss granitemoe granitemoe_swa granitemoehybrid granitemoeshared jetmoe "
     "cohere2_moe",
@@ -205,7 +205,7 @@ REFUSED: dict[str, str] = {
     **{
         name: _UNCHECKED_VL
         for name in """
-            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm5_next muse_spark step3p7 unlimited_ocr
+            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm5_next muse_spark unlimited_ocr
         """.split()
     },
     "qwen3_omni_moe": "its checkpoint class also builds the speech talker and code-to-wave models, which moe-inspect "

@@ -1,0 +1,40 @@
+"""`info` on the MoE types issue 17 brought in after the first ten vision-language ones.
+
+Each type's tiny config (the one its routing test loads) is described on the meta device; the figures must be the
+real model's: total parameters as built, MoE layers where routers are, towers counted apart from the language model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_tiny_model, tiny_config
+from tiny_seq2seq_vl import build, generic_vl_config
+
+from moe_inspect.analysis.info import describe
+from moe_inspect.model.routers import find_routers
+
+CAUSAL = ("mistral4",)
+VISION_LANGUAGE = ("step3p7",)
+
+
+def _model_and_config(model_type: str) -> tuple[torch.nn.Module, object]:
+    if model_type in CAUSAL:
+        return build_tiny_model(model_type), tiny_config(model_type)
+    return build(model_type), generic_vl_config(model_type)
+
+
+@pytest.mark.parametrize("model_type", CAUSAL + VISION_LANGUAGE)
+def test_info_counts_what_the_model_holds(model_type: str) -> None:
+    model, config = _model_and_config(model_type)
+    info = describe(config)
+    assert info.total_params == sum(p.numel() for p in model.parameters())
+    assert info.moe_layers == sorted({spec.layer for spec in find_routers(model)})
+    assert (info.num_experts, info.top_k) == (8, 2)
+    assert info.active_params < info.total_params
+    towers = [name for name, _ in model.model.named_children() if any(w in name for w in ("vision", "visual"))]
+    if model_type in CAUSAL:
+        assert not towers and not info.notes
+        return
+    tower = sum(p.numel() for name in towers for p in getattr(model.model, name).parameters())
+    assert f"text tokens use {info.active_params - tower:,}." in " ".join(info.notes)
