@@ -418,7 +418,7 @@ def _randomize_routing(model: PreTrainedModel, generator: torch.Generator) -> No
                 continue
             whole_block = not re.search(r"Router|Gate|Gating", type(module).__name__)
             for pname, param in module.named_parameters():
-                if whole_block and "router" not in pname:
+                if whole_block and not re.search(r"router|(^|\.)gate\.weight$", pname):  # ERNIE-VL: text_moe.gate
                     continue
                 if param.dim() == 2:
                     std = (gain if pname == gain_name else 1.0) / math.sqrt(param.shape[-1])

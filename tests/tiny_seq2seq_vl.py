@@ -42,6 +42,7 @@ def vl_config() -> PretrainedConfig:
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
     "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop", "step3p7",
+    "ernie4_5_vl_moe",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -62,6 +63,9 @@ _VL_TEXT: dict[str, dict[str, Any]] = {
     "hy_v4_vl": {"rope_parameters": _MROPE_4},
     # Step-3.7: the default makes layers 0-2 dense; its text model builds a sliding mask whether or not it is used
     "step3p7": {"mlp_layer_types": ["dense", "sparse", "sparse"], "sliding_window": 16},
+    # ERNIE-4.5-VL: one MoE intermediate size for the text experts, one for the vision experts; height and width
+    # RoPE sections must be equal
+    "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 32], "rope_parameters": {**_MROPE_4, "mrope_section": [3, 3, 2]}},
 }
 _VL_TOWERS: dict[str, dict[str, Any]] = {
     "inkling2": {"text_hidden_size": 64}, "inkling2_loop": {"text_hidden_size": 64},

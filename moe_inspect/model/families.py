@@ -54,6 +54,10 @@ class FamilyFacts:
     reselect: Reselect | None = None
     # The router itself drops assignments beyond each expert's capacity (Switch, NLLB-MoE).
     capacity_limited: bool = False
+    # The recorded module is a block holding one expert set per modality (ERNIE-4.5-VL's text_moe and vision_moe):
+    # (router class, submodule of the text experts). Text tokens are routed by that router alone; image tokens
+    # go to the other set, which moe-inspect does not capture, so images are refused for such a family.
+    text_router: tuple[str, str] | None = None
     note: str = ""
 
 
@@ -121,6 +125,11 @@ FAMILIES: dict[str, FamilyFacts] = {
     ),
 }
 
+# ERNIE-4.5-VL: modality-isolated experts; the text router adds its bias to the softmax probabilities (as ERNIE-4.5).
+FAMILIES["ernie4_5_vl_moe"] = FAMILIES["ernie4_5_vl_moe_text"] = FamilyFacts(
+    bias_corrected=True, weight_norm="always", text_router=("Ernie4_5_VLMoeMoeTopKRouter", "text_moe"),
+    note="text tokens use the text experts (mlp.text_moe); image tokens use a separate vision expert set",
+)
 # JetMoE records the attention block and its inner gating; the gating alone is the router.
 FAMILIES["jetmoe"] = FamilyFacts(skip_router_classes=("JetMoeAttention",), note="two routers per layer")
 # PhiMoE's sparsemixer hard-codes two experts whatever num_experts_per_tok says.
@@ -205,7 +214,7 @@ REFUSED: dict[str, str] = {
     **{
         name: _UNCHECKED_VL
         for name in """
-            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm5_next muse_spark unlimited_ocr
+            deepseek_ocr2 diffusion_gemma glm5_next muse_spark unlimited_ocr
         """.split()
     },
     "qwen3_omni_moe": "its checkpoint class also builds the speech talker and code-to-wave models, which moe-inspect "

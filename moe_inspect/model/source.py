@@ -298,7 +298,7 @@ def load_processor(model_id: str, revision: str | None = None, trust_remote_code
 
 def check_takes_images(config: Any, model_id: str) -> None:
     """Refuse images for a checkpoint that has no vision input, before its processor or weights load."""
-    from moe_inspect.model.families import modality_token_ids
+    from moe_inspect.model.families import facts_for, modality_token_ids
 
     kind = model_kind(config)
     if kind == SEQ2SEQ:
@@ -306,6 +306,11 @@ def check_takes_images(config: Any, model_id: str) -> None:
     if kind != IMAGE_TEXT or "image" not in modality_token_ids(config):
         model_type = getattr(config, "model_type", "unknown")
         raise UserError(f"'{model_id}' is a text-only model ({model_type}); it takes no images.")
+    if facts_for(str(getattr(config, "model_type", ""))).text_router:
+        raise UserError(
+            f"'{model_id}' sends image tokens to a separate set of vision experts, which moe-inspect does not "
+            "capture yet; route text prompts only."
+        )
 
 
 # What a checkpoint is decides which class loads it: the issue-17 rule, in one place.
