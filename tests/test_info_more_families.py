@@ -38,3 +38,23 @@ def test_info_counts_what_the_model_holds(model_type: str) -> None:
         return
     tower = sum(p.numel() for name in towers for p in getattr(model.model, name).parameters())
     assert f"text tokens use {info.active_params - tower:,}." in " ".join(info.notes)
+
+
+def test_info_on_qwen3_omni_describes_the_thinker_and_counts_the_speech_parts_apart() -> None:
+    from tiny_seq2seq_vl import omni_config
+
+    whole = build("qwen3_omni_moe")
+    info = describe(omni_config())
+    thinker = whole.thinker
+    assert info.total_params == sum(p.numel() for p in thinker.parameters())
+    assert info.moe_layers == sorted({spec.layer for spec in find_routers(thinker)})
+    towers = sum(p.numel() for tower in (thinker.model.audio_tower, thinker.model.visual) for p in tower.parameters())
+    notes = " ".join(info.notes)
+    assert f"so text tokens use {info.active_params - towers:,}." in notes
+    talker, code2wav = (sum(p.numel() for p in part.parameters()) for part in (whole.talker, whole.code2wav))
+    talker_routers = len(find_routers(whole.talker))
+    assert talker_routers > 0
+    assert (
+        f"it also holds talker ({talker:,} parameters, MoE with {talker_routers} routers) and code2wav "
+        f"({code2wav:,} parameters), not counted here" in notes
+    )

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from cli_checks import assert_one_line_error
-from tiny_seq2seq_vl import save
+from tiny_seq2seq_vl import build, save
 from typer.testing import CliRunner
 
 from moe_inspect.cli import app
@@ -38,3 +39,31 @@ def test_ernie_refuses_images_in_one_sentence(ernie_dir: Path, tmp_path: Path) -
     Image.new("RGB", (32, 32), (200, 30, 30)).save(picture)
     result = CliRunner().invoke(app, ["route", "hi", "-m", str(ernie_dir), "--image", str(picture)])
     assert_one_line_error(result, "sends image tokens to a separate set of vision experts")
+
+
+@pytest.fixture(scope="module")
+def omni_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save("qwen3_omni_moe", tmp_path_factory.mktemp("omni") / "qwen3_omni_moe")
+
+
+def test_omni_loads_its_thinker_alone_with_the_checkpoints_weights(omni_dir: Path) -> None:
+    """Every thinker weight is the checkpoint's (renamed out of ``thinker.``); no talker or code2wav is built."""
+    from safetensors.torch import load_file
+
+    import moe_inspect
+
+    loaded = moe_inspect.load(str(omni_dir), device="cpu").loaded
+    assert type(loaded.model).__name__ == "Qwen3OmniMoeThinkerForConditionalGeneration"
+    saved = build("qwen3_omni_moe")  # what save() wrote, rebuilt from the same seed
+    state, want = loaded.model.state_dict(), saved.thinker.state_dict()
+    assert state.keys() == want.keys()
+    assert all(torch.equal(state[name], want[name]) for name in state)
+    names = load_file(omni_dir / "model.safetensors").keys()
+    assert any(n.startswith("talker.") for n in names) and any(n.startswith("code2wav.") for n in names)
+    assert not any(name.startswith(("talker", "code2wav")) for name, _ in loaded.model.named_children())
+    assert loaded.notes == [
+        "Text prompts route through the language model (model.language_model); model.audio_tower, model.visual "
+        "loaded for image and audio inputs, not run on text prompts.",
+        "Loaded the checkpoint's thinker alone: its talker (an MoE as well) and code2wav only run to generate "
+        "speech, so moe-inspect neither loads nor routes them.",
+    ]

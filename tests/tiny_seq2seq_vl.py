@@ -42,7 +42,7 @@ def vl_config() -> PretrainedConfig:
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
     "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop", "step3p7",
-    "ernie4_5_vl_moe",
+    "ernie4_5_vl_moe", "qwen3_omni_moe",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -93,6 +93,29 @@ def generic_vl_config(model_type: str) -> PretrainedConfig:
     return config_class(**kwargs)
 
 
+def omni_config() -> PretrainedConfig:
+    """A whole Qwen3-Omni-MoE checkpoint: the tiny thinker above plus a tiny MoE talker and code-to-wave model."""
+    thinker = generic_vl_config("qwen3_omni_moe_thinker")
+    talker = {
+        # the talker's config classes lack fields its modules read (shared_expert_intermediate_size,
+        # spatial_merge_size): published configs carry them as extra keys
+        "text_config": {**tiny_config("qwen3_omni_moe_talker_text").to_dict(), "shared_expert_intermediate_size": 32},
+        "code_predictor_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                                  "vocab_size": 64, "num_code_groups": 2},
+        "num_code_groups": 2, "thinker_hidden_size": thinker.text_config.hidden_size, "accept_hidden_layer": 1,
+        "codec_eos_token_id": 60, "codec_nothink_id": 61, "codec_think_bos_id": 62, "codec_think_eos_id": 63,
+        "codec_pad_id": 58, "codec_bos_id": 59, "spatial_merge_size": 2,  # also read but not a field
+    }
+    code2wav = {"codebook_size": 64, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2,
+                "intermediate_size": 64, "num_hidden_layers": 1, "num_quantizers": 2, "upsample_rates": [2, 2],
+                "upsampling_ratios": [2], "decoder_dim": 32, "sliding_window": 8}
+    return CONFIG_MAPPING["qwen3_omni_moe"](
+        thinker_config=thinker.to_dict(), talker_config=talker, code2wav_config=code2wav,
+        architectures=["Qwen3OmniMoeForConditionalGeneration"],
+    )
+
+
 def seq2seq_config(model_type: str) -> PretrainedConfig:
     """Tiny Switch / NLLB-MoE: 2 encoder and 2 decoder blocks, MoE every second block, 8 experts."""
     tokenizer = train_tiny_tokenizer()
@@ -120,6 +143,8 @@ def build(model_type: str, seed: int = 0) -> PreTrainedModel:
 
     if model_type == "qwen3_vl_moe":
         config = vl_config()
+    elif model_type == "qwen3_omni_moe":
+        config = omni_config()
     elif model_type in VL_TYPES:
         config = generic_vl_config(model_type)
     else:

@@ -217,9 +217,32 @@ REFUSED: dict[str, str] = {
             deepseek_ocr2 diffusion_gemma glm5_next muse_spark unlimited_ocr
         """.split()
     },
-    "qwen3_omni_moe": "its checkpoint class also builds the speech talker and code-to-wave models, which moe-inspect "
-    "neither loads apart nor routes",
 }
+
+
+@dataclass(frozen=True)
+class CheckpointPart:
+    """The one model of a multi-model checkpoint that reads the prompt; the loader loads it alone."""
+
+    attr: str  # its attribute in the checkpoint's class (and its weights' prefix, which transformers strips)
+    config_key: str  # its sub-config
+    others: str  # what else the checkpoint holds and why it is not loaded (status line and info)
+
+
+# Qwen3-Omni-MoE's class has no forward of its own: the thinker reads text, images and audio and writes text; the
+# talker (an MoE too) and code2wav turn the thinker's states into speech, only when generating audio.
+CHECKPOINT_PARTS: dict[str, CheckpointPart] = {
+    "qwen3_omni_moe": CheckpointPart(
+        "thinker", "thinker_config",
+        "its talker (an MoE as well) and code2wav only run to generate speech, so moe-inspect neither loads nor "
+        "routes them",
+    ),
+}
+
+
+def checkpoint_part(config: object) -> CheckpointPart | None:
+    """The part of a multi-model checkpoint that moe-inspect loads and routes, if the checkpoint is one."""
+    return CHECKPOINT_PARTS.get(str(getattr(config, "model_type", "")))
 
 
 def capacity_notes(config: object) -> list[str]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.model.capture import capture
-from moe_inspect.model.families import capacity_notes, check_supported
+from moe_inspect.model.families import capacity_notes, check_supported, checkpoint_part
 from moe_inspect.model.footprint import measure_footprint, quantization_report
 from moe_inspect.model.heuristic_routers import find_routers_heuristic
 from moe_inspect.model.options import DTYPE_NAMES, LoadOptions
@@ -101,7 +101,8 @@ def routed_part(model: nn.Module, routers: list[RouterSpec], kind: str) -> str |
         f"model.{name}" for name, _ in getattr(model, "model", nn.Module()).named_children()
     ]
     others = [t for t in towers if any(w in t for w in ("visual", "vision", "audio")) and t not in prefixes]
-    loaded = f"; {', '.join(others)} loaded for image inputs, not run on text prompts" if others else ""
+    inputs = " and ".join(m for m, w in (("image", "vis"), ("audio", "audio")) if any(w in t for t in others))
+    loaded = f"; {', '.join(others)} loaded for {inputs} inputs, not run on text prompts" if others else ""
     return f"text prompts route through the language model ({', '.join(prefixes)}){loaded}"
 
 
@@ -174,6 +175,10 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         kwargs["device_map"] = {"": resolved_device}
     config = load_config(model_id, options.revision, options.trust_remote_code)
     check_supported(config)
+    part = checkpoint_part(config)
+    if part is not None:  # the part that reads the prompt, alone: transformers' weight conversion for its class
+        config = getattr(config, part.config_key)  # strips the checkpoint's prefix (PrefixChange "thinker")
+        kwargs["config"] = config
     try:
         hf_model = model_class(config).from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as exc:  # SafetensorError: corrupt weights
@@ -200,9 +205,11 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         probe_routers(hf_model, loaded.routers, loaded.input_device, probe)
     except RuntimeError as exc:
         raise quantized_forward_error(quant, exc) from exc
-    part = routed_part(hf_model, loaded.routers, loaded.kind)
-    if part:
-        loaded.notes.append(part[0].upper() + part[1:] + ".")
+    routed = routed_part(hf_model, loaded.routers, loaded.kind)
+    if routed:
+        loaded.notes.append(routed[0].upper() + routed[1:] + ".")
+    if part is not None:
+        loaded.notes.append(f"Loaded the checkpoint's {part.attr} alone: {part.others}.")
     loaded.notes += capacity_notes(config)
     if quantization:
         loaded.notes.append(quantization_report(hf_model, loaded.routers, quantization))

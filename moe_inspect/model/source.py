@@ -370,7 +370,8 @@ def model_class(config: Any) -> Any:
         cls = getattr(transformers, str(name), None)
         if isinstance(cls, type) and str(name).endswith(("ForConditionalGeneration", "ForCausalLM")):
             return cls
-    return auto
+    multimodal = modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.get(model_type)  # Qwen3-Omni's whole class
+    return getattr(transformers, multimodal, auto) if isinstance(multimodal, str) else auto
 
 
 def skeleton_model(config: Any, trust_remote_code: bool = False) -> Any:
