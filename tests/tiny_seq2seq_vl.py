@@ -42,7 +42,7 @@ def vl_config() -> PretrainedConfig:
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
     "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop", "step3p7",
-    "ernie4_5_vl_moe", "qwen3_omni_moe",
+    "ernie4_5_vl_moe", "qwen3_omni_moe", "glm5_next",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -63,6 +63,14 @@ _VL_TEXT: dict[str, dict[str, Any]] = {
     "hy_v4_vl": {"rope_parameters": _MROPE_4},
     # Step-3.7: the default makes layers 0-2 dense; its text model builds a sliding mask whether or not it is used
     "step3p7": {"mlp_layer_types": ["dense", "sparse", "sparse"], "sliding_window": 16},
+    # GLM-5-Next: no RoPE in its DSA attention; linear (KDA) layers, then an indexed one; layers 0-2 dense by default
+    "glm5_next": {
+        "qk_rope_head_dim": 0, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "layer_types": ["linear_attention", "indexed_attention", "linear_attention"], "index_topk": 16,
+        "index_kpool": 4, "index_head_dim": 16, "index_n_heads": 2, "linear_head_dim": 16, "linear_num_heads": 4,
+        "hc_mult": 2,
+    },
     # ERNIE-4.5-VL: one MoE intermediate size for the text experts, one for the vision experts; height and width
     # RoPE sections must be equal
     "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 32], "rope_parameters": {**_MROPE_4, "mrope_section": [3, 3, 2]}},

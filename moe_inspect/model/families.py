@@ -112,7 +112,7 @@ FAMILIES: dict[str, FamilyFacts] = {
             afmoe axk1 axk2 bailing_hybrid beam deepseek_v3 deepseek_v32 dots1 dots3_note
             dots3_note_text exaone_moe glm4_moe glm4_moe_lite glm_moe_dsa hy_v3 hy_v4 inkling
             inkling_text kimi_linear laguna lfm2_moe mimo_v2_flash minimax_m2 minimax_m3_vl
-            minimax_m3_vl_text nemotron_h solar_open step3p7 step3p5
+            minimax_m3_vl_text nemotron_h solar_open step3p7 step3p5 glm5_next glm5_next_text
         """.split()
     },
     "kolibri1": FamilyFacts(scoring="sigmoid", bias_corrected=True, note="bias added to raw logits"),
@@ -214,7 +214,7 @@ REFUSED: dict[str, str] = {
     **{
         name: _UNCHECKED_VL
         for name in """
-            deepseek_ocr2 diffusion_gemma glm5_next muse_spark unlimited_ocr
+            deepseek_ocr2 diffusion_gemma muse_spark unlimited_ocr
         """.split()
     },
 }
