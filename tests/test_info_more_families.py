@@ -15,7 +15,7 @@ from moe_inspect.analysis.info import describe
 from moe_inspect.model.routers import find_routers
 
 CAUSAL = ("mistral4",)
-VISION_LANGUAGE = ("step3p7", "ernie4_5_vl_moe", "glm5_next")
+VISION_LANGUAGE = ("step3p7", "ernie4_5_vl_moe", "glm5_next", "muse_spark")
 
 
 def _model_and_config(model_type: str) -> tuple[torch.nn.Module, object]:
@@ -32,7 +32,7 @@ def test_info_counts_what_the_model_holds(model_type: str) -> None:
     assert info.moe_layers == sorted({spec.layer for spec in find_routers(model)})
     assert (info.num_experts, info.top_k) == (8, 2)
     assert info.active_params < info.total_params
-    towers = [name for name, _ in model.model.named_children() if any(w in name for w in ("vision", "visual"))]
+    towers = [name for name, _ in model.model.named_children() if any(w in name for w in ("vision", "visual", "audio"))]
     if model_type in CAUSAL:
         assert not towers and not info.notes
         return

@@ -42,7 +42,7 @@ def vl_config() -> PretrainedConfig:
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
     "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop", "step3p7",
-    "ernie4_5_vl_moe", "qwen3_omni_moe", "glm5_next",
+    "ernie4_5_vl_moe", "qwen3_omni_moe", "glm5_next", "muse_spark",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -71,13 +71,19 @@ _VL_TEXT: dict[str, dict[str, Any]] = {
         "index_kpool": 4, "index_head_dim": 16, "index_n_heads": 2, "linear_head_dim": 16, "linear_num_heads": 4,
         "hc_mult": 2,
     },
+    "muse_spark": {"moe_hidden_size": 64, "sliding_window": 16},
     # ERNIE-4.5-VL: one MoE intermediate size for the text experts, one for the vision experts; height and width
     # RoPE sections must be equal
     "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 32], "rope_parameters": {**_MROPE_4, "mrope_section": [3, 3, 2]}},
 }
 _VL_TOWERS: dict[str, dict[str, Any]] = {
     "inkling2": {"text_hidden_size": 64}, "inkling2_loop": {"text_hidden_size": 64},
+    # Muse Spark's audio encoder is a pyramid: one entry per level
+    "muse_spark": {"patch_sizes": [4], "hidden_sizes": [32], "depths": [1], "pos_emb_height": 4, "pos_emb_width": 4,
+                   "max_position_embeddings": 16},
 }
+# Top-level fields that size the projection from the towers into the language model.
+_VL_TOP: dict[str, dict[str, Any]] = {"muse_spark": {"out_hidden_size": 64, "projector_hidden_size": 64}}
 
 
 def generic_vl_config(model_type: str) -> PretrainedConfig:
@@ -98,7 +104,7 @@ def generic_vl_config(model_type: str) -> PretrainedConfig:
     from transformers.models.auto import modeling_auto
 
     kwargs["architectures"] = [modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]
-    return config_class(**kwargs)
+    return config_class(**kwargs, **_VL_TOP.get(model_type, {}))
 
 
 def omni_config() -> PretrainedConfig:

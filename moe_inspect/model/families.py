@@ -113,6 +113,7 @@ FAMILIES: dict[str, FamilyFacts] = {
             dots3_note_text exaone_moe glm4_moe glm4_moe_lite glm_moe_dsa hy_v3 hy_v4 inkling
             inkling_text kimi_linear laguna lfm2_moe mimo_v2_flash minimax_m2 minimax_m3_vl
             minimax_m3_vl_text nemotron_h solar_open step3p7 step3p5 glm5_next glm5_next_text
+            muse_spark muse_spark_text
         """.split()
     },
     "kolibri1": FamilyFacts(scoring="sigmoid", bias_corrected=True, note="bias added to raw logits"),
@@ -148,7 +149,7 @@ FAMILIES["nllb-moe"] = FamilyFacts(
 # Weight normalisation, for families whose modules hold no norm_topk_prob (reference file, sections 1-2).
 _WEIGHT_NORMS: dict[WeightNorm, str] = {
     "always": "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 "
-    "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya step3p7 step3p5",
+    "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya step3p7 step3p5 muse_spark muse_spark_text",
     "never": "jamba deepseek_v2 longcat_flash llama4 llama4_text",
     "softmax_over_chosen": "aria_text gpt_oss granitemoe granitemoe_swa granitemoehybrid granitemoeshared jetmoe "
     "cohere2_moe",
@@ -214,7 +215,7 @@ REFUSED: dict[str, str] = {
     **{
         name: _UNCHECKED_VL
         for name in """
-            deepseek_ocr2 diffusion_gemma muse_spark unlimited_ocr
+            deepseek_ocr2 diffusion_gemma unlimited_ocr
         """.split()
     },
 }
