@@ -15,7 +15,7 @@ from moe_inspect.analysis.info import describe
 from moe_inspect.model.routers import find_routers
 
 CAUSAL = ("mistral4",)
-VISION_LANGUAGE = ("step3p7", "ernie4_5_vl_moe", "glm5_next", "muse_spark")
+VISION_LANGUAGE = ("step3p7", "ernie4_5_vl_moe", "glm5_next", "muse_spark", "deepseek_ocr2", "unlimited_ocr")
 
 
 def _model_and_config(model_type: str) -> tuple[torch.nn.Module, object]:

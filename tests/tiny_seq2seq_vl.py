@@ -42,7 +42,7 @@ def vl_config() -> PretrainedConfig:
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
     "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop", "step3p7",
-    "ernie4_5_vl_moe", "qwen3_omni_moe", "glm5_next", "muse_spark",
+    "ernie4_5_vl_moe", "qwen3_omni_moe", "glm5_next", "muse_spark", "deepseek_ocr2", "unlimited_ocr",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -72,6 +72,8 @@ _VL_TEXT: dict[str, dict[str, Any]] = {
         "hc_mult": 2,
     },
     "muse_spark": {"moe_hidden_size": 64, "sliding_window": 16},
+    # DeepSeek-OCR-2's text config has no default MLP layer types (its published config lists them)
+    "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse"]},
     # ERNIE-4.5-VL: one MoE intermediate size for the text experts, one for the vision experts; height and width
     # RoPE sections must be equal
     "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 32], "rope_parameters": {**_MROPE_4, "mrope_section": [3, 3, 2]}},
@@ -82,14 +84,28 @@ _VL_TOWERS: dict[str, dict[str, Any]] = {
     "muse_spark": {"patch_sizes": [4], "hidden_sizes": [32], "depths": [1], "pos_emb_height": 4, "pos_emb_width": 4,
                    "max_position_embeddings": 16},
 }
+# The OCR models' SAM encoder: small convolution pyramid and one global-attention block
+_SAM = {"downsample_channels": [32, 64], "mlp_dim": 64, "global_attn_indexes": [0], "output_channels": 32,
+        "window_size": 2}
+_VL_TOWERS.update({"deepseek_ocr2": _SAM, "unlimited_ocr": _SAM})
 # Top-level fields that size the projection from the towers into the language model.
 _VL_TOP: dict[str, dict[str, Any]] = {"muse_spark": {"out_hidden_size": 64, "projector_hidden_size": 64}}
 
 
-def generic_vl_config(model_type: str) -> PretrainedConfig:
-    """A VL config whose text sub-config is tiny_models' MoE text config and whose towers are 1 block of 32."""
+def _tiny_tower(sub: PretrainedConfig, model_type: str) -> dict[str, Any]:
+    """A tower's tiny fields; towers made of towers (DeepSeek-OCR-2's SAM + encoder) are made tiny all the way down."""
     from tiny_models import _config_fields
 
+    fields = _config_fields(type(sub))
+    tower = {**_TINY_TOWER, **_VL_TOWERS.get(model_type, {})}
+    tiny = {"model_type": sub.model_type, **{k: v for k, v in tower.items() if k in fields}}
+    for name in getattr(type(sub), "sub_configs", None) or {}:
+        tiny[name] = _tiny_tower(getattr(sub, name), model_type)
+    return tiny
+
+
+def generic_vl_config(model_type: str) -> PretrainedConfig:
+    """A VL config whose text sub-config is tiny_models' MoE text config and whose towers are 1 block of 32."""
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class()
     kwargs: dict[str, Any] = {}
@@ -98,9 +114,7 @@ def generic_vl_config(model_type: str) -> PretrainedConfig:
         if name == "text_config":
             kwargs[name] = tiny_config(sub.model_type, **_VL_TEXT.get(model_type, {})).to_dict()
         else:
-            fields = _config_fields(type(sub))
-            tower = {**_TINY_TOWER, **_VL_TOWERS.get(model_type, {})}
-            kwargs[name] = {"model_type": sub.model_type, **{k: v for k, v in tower.items() if k in fields}}
+            kwargs[name] = _tiny_tower(sub, model_type)
     from transformers.models.auto import modeling_auto
 
     kwargs["architectures"] = [modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]

@@ -85,6 +85,7 @@ FAMILIES: dict[str, FamilyFacts] = {
             aria_text dbrx flex_olmo gpt_oss granitemoe granitemoe_swa granitemoehybrid
             granitemoeshared hunyuan_v1_moe jamba mellum minimax mixtral olmoe qwen2_moe
             qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next qwen4_exp qwen4_exp_text deepseek_v2 mistral4
+            deepseek_ocr2 deepseek_ocr2_text unlimited_ocr unlimited_ocr_text
         """.split()
     },
     "cohere2_moe": FamilyFacts(scoring_attr="expert_selection_fn"),
@@ -150,7 +151,8 @@ FAMILIES["nllb-moe"] = FamilyFacts(
 _WEIGHT_NORMS: dict[WeightNorm, str] = {
     "always": "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 "
     "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya step3p7 step3p5 muse_spark muse_spark_text",
-    "never": "jamba deepseek_v2 longcat_flash llama4 llama4_text",
+    "never": "jamba deepseek_v2 longcat_flash llama4 llama4_text deepseek_ocr2 deepseek_ocr2_text unlimited_ocr "
+    "unlimited_ocr_text",
     "softmax_over_chosen": "aria_text gpt_oss granitemoe granitemoe_swa granitemoehybrid granitemoeshared jetmoe "
     "cohere2_moe",
 }
@@ -215,7 +217,7 @@ REFUSED: dict[str, str] = {
     **{
         name: _UNCHECKED_VL
         for name in """
-            deepseek_ocr2 diffusion_gemma unlimited_ocr
+            diffusion_gemma
         """.split()
     },
 }
