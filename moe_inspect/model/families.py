@@ -209,17 +209,10 @@ def null_expert_count(model_type: str, config: object) -> int:
 
 # MoE model types transformers registers that moe-inspect does not route yet, each with the one reason why
 # (tests/test_every_moe_type.py fails when a registered MoE type is neither routed nor listed here).
-_UNCHECKED_VL = (
-    "its vision-language checkpoint class has not been checked against moe-inspect's router capture on a tiny "
-    "model yet"
-)
 REFUSED: dict[str, str] = {
-    **{
-        name: _UNCHECKED_VL
-        for name in """
-            diffusion_gemma
-        """.split()
-    },
+    "diffusion_gemma": "its decoder's routers denoise a canvas of canvas_length tokens that "
+    "DiffusionGemmaModel.forward draws at random from the vocabulary (modeling_diffusion_gemma.py, line 1558), "
+    "not the prompt's tokens, and routing its autoregressive encoder alone is not implemented",
 }
 
 
