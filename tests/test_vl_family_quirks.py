@@ -67,3 +67,45 @@ def test_omni_loads_its_thinker_alone_with_the_checkpoints_weights(omni_dir: Pat
         "Loaded the checkpoint's thinker alone: its talker (an MoE as well) and code2wav only run to generate "
         "speech, so moe-inspect neither loads nor routes them.",
     ]
+
+
+def test_deepseek_ocr2_routes_images_through_its_real_processor(tmp_path: Path) -> None:
+    """DeepSeek-OCR-2's processor builds offline with Pillow alone: image rows are the processor's image tokens,
+    and every row (image positions included) is what the experts modules received in the model's own forward."""
+    from experts_truth import experts_module
+    from PIL import Image
+    from tiny_vl_images import gradient, save_deepseek_ocr2
+
+    import moe_inspect
+    from moe_inspect.analysis.modality import processor_inputs
+    from moe_inspect.model.capture import capture
+
+    folder = save_deepseek_ocr2(tmp_path / "deepseek_ocr2")
+    picture = tmp_path / "gradient.png"
+    gradient(64).save(picture)
+    insp = moe_inspect.load(str(folder), device="cpu")
+    loaded = insp.loaded
+    inputs = processor_inputs(insp.processor, ["Read this."], [[Image.open(picture)]])
+    image = inputs["input_ids"][0] == insp.model.config.image_token_id
+    assert int(image.sum()) == 257
+    received: dict[int, torch.Tensor] = {}
+    handles = [
+        experts_module(loaded.model, spec.path).register_forward_pre_hook(
+            lambda _m, args, kwargs, i=spec.index: received.__setitem__(i, kwargs.get("top_k_index", args[1])),
+            with_kwargs=True,
+        )
+        for spec in loaded.routers
+    ]
+    try:
+        with torch.inference_mode(), capture(loaded.routers):
+            loaded.model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    frame = insp.route("Read this.", images=[picture])
+    for spec in loaded.routers:
+        rows = frame[frame["layer"] == spec.layer].sort_values(["position", "rank"])
+        assert (rows["modality"] == "image").sum() == 257 * spec.top_k
+        table = rows["expert"].to_numpy().reshape(-1, spec.top_k)
+        assert table.tolist() == received[spec.index].reshape(table.shape).tolist()
+        assert len({tuple(row) for row in table[image.numpy()]}) > 3  # image tokens do not all route alike

@@ -73,7 +73,7 @@ _VL_TEXT: dict[str, dict[str, Any]] = {
     },
     "muse_spark": {"moe_hidden_size": 64, "sliding_window": 16},
     # DeepSeek-OCR-2's text config has no default MLP layer types (its published config lists them)
-    "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse"], "max_position_embeddings": 2048},
     # ERNIE-4.5-VL: one MoE intermediate size for the text experts, one for the vision experts; height and width
     # RoPE sections must be equal
     "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 32], "rope_parameters": {**_MROPE_4, "mrope_section": [3, 3, 2]}},
@@ -85,9 +85,9 @@ _VL_TOWERS: dict[str, dict[str, Any]] = {
                    "max_position_embeddings": 16},
 }
 # The OCR models' SAM encoder: small convolution pyramid and one global-attention block
-_SAM = {"downsample_channels": [32, 64], "mlp_dim": 64, "global_attn_indexes": [0], "output_channels": 32,
+_SAM = {"downsample_channels": [16, 32], "mlp_dim": 64, "global_attn_indexes": [0], "output_channels": 32,
         "window_size": 2}
-_VL_TOWERS.update({"deepseek_ocr2": _SAM, "unlimited_ocr": _SAM})
+_VL_TOWERS.update({"deepseek_ocr2": {**_SAM, "image_size": 1024, "patch_size": 16}, "unlimited_ocr": _SAM})
 # Top-level fields that size the projection from the towers into the language model.
 _VL_TOP: dict[str, dict[str, Any]] = {"muse_spark": {"out_hidden_size": 64, "projector_hidden_size": 64}}
 
