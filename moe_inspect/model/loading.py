@@ -101,8 +101,7 @@ def routed_part(model: nn.Module, routers: list[RouterSpec], kind: str) -> str |
         f"model.{name}" for name, _ in getattr(model, "model", nn.Module()).named_children()
     ]
     others = [t for t in towers if any(w in t for w in ("visual", "vision", "audio")) and t not in prefixes]
-    inputs = " and ".join(m for m, w in (("image", "vis"), ("audio", "audio")) if any(w in t for t in others))
-    loaded = f"; {', '.join(others)} loaded for {inputs} inputs, not run on text prompts" if others else ""
+    loaded = f"; {', '.join(others)} loaded for image inputs, not run on text prompts" if others else ""
     return f"text prompts route through the language model ({', '.join(prefixes)}){loaded}"
 
 
