@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import moe_families
+from tiny_models import causal_lm_class, moe_families
 from transformers import AutoModelForCausalLM
 
 from moe_inspect.analysis.outputs import OutputHead, predicted_positions, token_losses, topk_logprobs
@@ -22,7 +22,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_chunked_head_equals_full_logits(model_type: str, tiny_dir) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir(model_type)).eval()
+    model = causal_lm_class(model_type).from_pretrained(tiny_dir(model_type)).eval()
     ids, mask = _batch()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.inference_mode():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import SELECTION_BIAS_NAME, build_tiny_model, moe_families, train_tiny_tokenizer
+from tiny_models import CAUSAL_LM_CLASSES, SELECTION_BIAS_NAME, build_tiny_model, moe_families, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -26,7 +26,7 @@ TEXTS = [
 
 def test_families_are_deduplicated() -> None:
     """One model_type per causal-LM class, and the `_text` variant wins over its multimodal parent."""
-    classes = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t] for t in FAMILIES]
+    classes = [CAUSAL_LM_CLASSES[t] for t in FAMILIES]
     assert len(classes) == len(set(classes))
     assert not [t for t in FAMILIES if f"{t}_text" in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and f"{t}_text" in FAMILIES]
     assert {"mixtral", "deepseek_v3", "qwen3_moe", "gemma4_text", "llama4_text"} <= set(FAMILIES)

@@ -3,7 +3,7 @@
 Why: the inspector must work on all families, and real checkpoints are gigabytes and need the Hub. Each family is
 built from its own config class with hidden 64, 3 layers (layer 0 dense where the family has dense layers), 8 routed
 experts and top-2, then saved next to a tiny byte-level BPE tokenizer trained offline, so tests load it exactly like
-a user's checkpoint: ``AutoModelForCausalLM.from_pretrained(folder)``.
+a user's checkpoint: ``AutoModelForCausalLM.from_pretrained(folder)`` (``causal_lm_class`` for the few it misses).
 
 Random init is adjusted so that routing is informative: router weights get std 1/sqrt(fan_in) (so logits are O(1)
 and tokens spread over experts) and every selection bias (``e_score_correction_bias``, ``expert_bias``, ...) gets
@@ -25,9 +25,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, model_type_to_module_name
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+CAUSAL_LM_CLASSES: dict[str, str] = {
+    **{t: c for t, c in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items() if c.endswith("ForCausalLM")},
+    **MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+}
+"""model_type -> causal-LM class, including those transformers files only under image-text-to-text (Mistral-4)."""
+
+
+def causal_lm_class(model_type: str) -> type[PreTrainedModel]:
+    """The class a causal-LM checkpoint of ``model_type`` loads with (AutoModelForCausalLM does not know them all)."""
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return getattr(transformers, CAUSAL_LM_CLASSES[model_type])
 
 HIDDEN = 64
 LAYERS = 3
@@ -73,7 +90,7 @@ def _moe_families() -> tuple[str, ...]:
 
     models_dir = Path(transformers.__file__).parent / "models"
     candidates: dict[str, str] = {}
-    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+    for model_type, class_name in CAUSAL_LM_CLASSES.items():
         module_name = model_type_to_module_name(model_type)
         source = models_dir / module_name / f"modeling_{module_name}.py"
         if not source.is_file() or "router_logits" not in source.read_text(encoding="utf-8"):
@@ -401,7 +418,7 @@ def _randomize_routing(model: PreTrainedModel, generator: torch.Generator) -> No
                 continue
             whole_block = not re.search(r"Router|Gate|Gating", type(module).__name__)
             for pname, param in module.named_parameters():
-                if whole_block and "router" not in pname:
+                if whole_block and not re.search(r"router|(^|\.)gate\.weight$", pname):  # ERNIE-VL: text_moe.gate
                     continue
                 if param.dim() == 2:
                     std = (gain if pname == gain_name else 1.0) / math.sqrt(param.shape[-1])
@@ -435,12 +452,14 @@ def build_tiny_model(
     config = tiny_config(model_type, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        cls = causal_lm_class(model_type)
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # auto class or the class
+        model = build(config, dtype=torch.float32)
     _randomize_routing(model, torch.Generator().manual_seed(seed))
     if dtype != torch.float32:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
+            model = causal_lm_class(model_type).from_pretrained(tmp, dtype=dtype)
     return model.eval()
 
 

@@ -41,7 +41,8 @@ def vl_config() -> PretrainedConfig:
 
 VL_TYPES = (
     "qwen3_vl_moe", "minimax_m3_vl", "inkling_mm_model", "aria", "mistral_large4", "qwen3_omni_moe_thinker",
-    "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop",
+    "glm4v_moe", "hy_v4_vl", "inkling2", "inkling2_loop", "step3p7",
+    "ernie4_5_vl_moe", "qwen3_omni_moe", "glm5_next", "muse_spark", "deepseek_ocr2", "unlimited_ocr",
 )
 """Vision-language MoE types routed by tests/test_vision_language.py."""
 
@@ -60,16 +61,51 @@ _MROPE_4 = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 
 _VL_TEXT: dict[str, dict[str, Any]] = {
     "glm4v_moe": {"rope_parameters": {**_MROPE_4, "partial_rotary_factor": 0.5}},
     "hy_v4_vl": {"rope_parameters": _MROPE_4},
+    # Step-3.7: the default makes layers 0-2 dense; its text model builds a sliding mask whether or not it is used
+    "step3p7": {"mlp_layer_types": ["dense", "sparse", "sparse"], "sliding_window": 16},
+    # GLM-5-Next: no RoPE in its DSA attention; linear (KDA) layers, then an indexed one; layers 0-2 dense by default
+    "glm5_next": {
+        "qk_rope_head_dim": 0, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "layer_types": ["linear_attention", "indexed_attention", "linear_attention"], "index_topk": 16,
+        "index_kpool": 4, "index_head_dim": 16, "index_n_heads": 2, "linear_head_dim": 16, "linear_num_heads": 4,
+        "hc_mult": 2,
+    },
+    "muse_spark": {"moe_hidden_size": 64, "sliding_window": 16},
+    # DeepSeek-OCR-2's text config has no default MLP layer types (its published config lists them)
+    "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse"], "max_position_embeddings": 2048},
+    # ERNIE-4.5-VL: one MoE intermediate size for the text experts, one for the vision experts; height and width
+    # RoPE sections must be equal
+    "ernie4_5_vl_moe": {"moe_intermediate_size": [32, 32], "rope_parameters": {**_MROPE_4, "mrope_section": [3, 3, 2]}},
 }
 _VL_TOWERS: dict[str, dict[str, Any]] = {
     "inkling2": {"text_hidden_size": 64}, "inkling2_loop": {"text_hidden_size": 64},
+    # Muse Spark's audio encoder is a pyramid: one entry per level
+    "muse_spark": {"patch_sizes": [4], "hidden_sizes": [32], "depths": [1], "pos_emb_height": 4, "pos_emb_width": 4,
+                   "max_position_embeddings": 16},
 }
+# The OCR models' SAM encoder: small convolution pyramid and one global-attention block
+_SAM = {"downsample_channels": [16, 32], "mlp_dim": 64, "global_attn_indexes": [0], "output_channels": 32,
+        "window_size": 2}
+_VL_TOWERS.update({"deepseek_ocr2": {**_SAM, "image_size": 1024, "patch_size": 16}, "unlimited_ocr": _SAM})
+# Top-level fields that size the projection from the towers into the language model.
+_VL_TOP: dict[str, dict[str, Any]] = {"muse_spark": {"out_hidden_size": 64, "projector_hidden_size": 64}}
+
+
+def _tiny_tower(sub: PretrainedConfig, model_type: str) -> dict[str, Any]:
+    """A tower's tiny fields; towers made of towers (DeepSeek-OCR-2's SAM + encoder) are made tiny all the way down."""
+    from tiny_models import _config_fields
+
+    fields = _config_fields(type(sub))
+    tower = {**_TINY_TOWER, **_VL_TOWERS.get(model_type, {})}
+    tiny = {"model_type": sub.model_type, **{k: v for k, v in tower.items() if k in fields}}
+    for name in getattr(type(sub), "sub_configs", None) or {}:
+        tiny[name] = _tiny_tower(getattr(sub, name), model_type)
+    return tiny
 
 
 def generic_vl_config(model_type: str) -> PretrainedConfig:
     """A VL config whose text sub-config is tiny_models' MoE text config and whose towers are 1 block of 32."""
-    from tiny_models import _config_fields
-
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class()
     kwargs: dict[str, Any] = {}
@@ -78,13 +114,34 @@ def generic_vl_config(model_type: str) -> PretrainedConfig:
         if name == "text_config":
             kwargs[name] = tiny_config(sub.model_type, **_VL_TEXT.get(model_type, {})).to_dict()
         else:
-            fields = _config_fields(type(sub))
-            tower = {**_TINY_TOWER, **_VL_TOWERS.get(model_type, {})}
-            kwargs[name] = {"model_type": sub.model_type, **{k: v for k, v in tower.items() if k in fields}}
+            kwargs[name] = _tiny_tower(sub, model_type)
     from transformers.models.auto import modeling_auto
 
     kwargs["architectures"] = [modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]]
-    return config_class(**kwargs)
+    return config_class(**kwargs, **_VL_TOP.get(model_type, {}))
+
+
+def omni_config() -> PretrainedConfig:
+    """A whole Qwen3-Omni-MoE checkpoint: the tiny thinker above plus a tiny MoE talker and code-to-wave model."""
+    thinker = generic_vl_config("qwen3_omni_moe_thinker")
+    talker = {
+        # the talker's config classes lack fields its modules read (shared_expert_intermediate_size,
+        # spatial_merge_size): published configs carry them as extra keys
+        "text_config": {**tiny_config("qwen3_omni_moe_talker_text").to_dict(), "shared_expert_intermediate_size": 32},
+        "code_predictor_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                                  "vocab_size": 64, "num_code_groups": 2},
+        "num_code_groups": 2, "thinker_hidden_size": thinker.text_config.hidden_size, "accept_hidden_layer": 1,
+        "codec_eos_token_id": 60, "codec_nothink_id": 61, "codec_think_bos_id": 62, "codec_think_eos_id": 63,
+        "codec_pad_id": 58, "codec_bos_id": 59, "spatial_merge_size": 2,  # also read but not a field
+    }
+    code2wav = {"codebook_size": 64, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2,
+                "intermediate_size": 64, "num_hidden_layers": 1, "num_quantizers": 2, "upsample_rates": [2, 2],
+                "upsampling_ratios": [2], "decoder_dim": 32, "sliding_window": 8}
+    return CONFIG_MAPPING["qwen3_omni_moe"](
+        thinker_config=thinker.to_dict(), talker_config=talker, code2wav_config=code2wav,
+        architectures=["Qwen3OmniMoeForConditionalGeneration"],
+    )
 
 
 def seq2seq_config(model_type: str) -> PretrainedConfig:
@@ -114,6 +171,8 @@ def build(model_type: str, seed: int = 0) -> PreTrainedModel:
 
     if model_type == "qwen3_vl_moe":
         config = vl_config()
+    elif model_type == "qwen3_omni_moe":
+        config = omni_config()
     elif model_type in VL_TYPES:
         config = generic_vl_config(model_type)
     else:

@@ -28,14 +28,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def image_tokenizer() -> PreTrainedTokenizerFast:
-    """The tiny BPE with Aria's image placeholder as a special token (``tokenizer.image_token`` names it)."""
-    base = train_tiny_tokenizer()
-    base.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN},
+def image_tokenizer(token: str = IMAGE_TOKEN) -> PreTrainedTokenizerFast:
+    """The tiny BPE with an image placeholder (Aria's by default) as a special token (``tokenizer.image_token``).
+
+    A copy: the shared tiny tokenizer is cached, and every model built after would otherwise grow its vocabulary.
+    """
+    import copy
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=copy.deepcopy(train_tiny_tokenizer().backend_tokenizer), pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>", unk_token="<unk>", extra_special_tokens={"image_token": token},
     )
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+    return tokenizer
 
 
 def aria_config(tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
@@ -163,3 +168,28 @@ def save_qwen3_vl(path: Path) -> tuple[Path, QwenImageStandIn]:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, QwenImageStandIn(tokenizer)
+
+
+def save_deepseek_ocr2(path: Path) -> Path:
+    """A tiny DeepSeek-OCR-2 saved with its real processor, whose image processor has a Pillow backend.
+
+    Global view only (``crop_to_patches=False``): the 1024-pixel image, 16-pixel SAM patches, 4x downsampling,
+    16 x 16 = 256 query tokens plus one separator, the counts the model's own query table is made for.
+    """
+    from transformers import DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor
+    from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
+
+    tokenizer = image_tokenizer("<image>")
+    config = generic_vl_config("deepseek_ocr2")
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id = tokenizer.image_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DeepseekOcr2ForConditionalGeneration(config)
+    _randomize_routing(model, torch.Generator().manual_seed(0))
+    path.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor = DeepseekOcr2ImageProcessorPil(crop_to_patches=False)
+    DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path

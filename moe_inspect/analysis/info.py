@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
-from moe_inspect.model.families import capacity_notes, facts_for
+from moe_inspect.model.families import CheckpointPart, capacity_notes, checkpoint_part, facts_for
 from moe_inspect.model.footprint import predicted_footprints
 from moe_inspect.model.heuristic_routers import find_routers_structural
 from moe_inspect.model.routers import (
@@ -258,6 +258,9 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
     else:
         config = config_or_model
     model_type = str(getattr(config, "model_type", "unknown"))
+    part = checkpoint_part(config)
+    if part is not None and not isinstance(config_or_model, nn.Module):
+        return _describe_part(config, part, trust_remote_code)
     if not isinstance(config_or_model, nn.Module):
         model = build_meta_model(config, trust_remote_code=trust_remote_code)
     notes: list[str] = []
@@ -319,10 +322,12 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         )
         notes += capacity_notes(config)
 
-    for path, count in _towers(model).items():
+    towers = _towers(model)
+    if towers:
+        held = " and ".join(f"{path} has {count:,}" for path, count in towers.items())
         notes.append(
-            f"{path} has {count:,} parameters, counted in the total and in active; a text-only token does not use "
-            f"them, so text tokens use {active - count:,}."
+            f"{held} parameters, counted in the total and in active; a text-only token does not use them, so text "
+            f"tokens use {active - sum(towers.values()):,}."
         )
     mtp = int_attr(text_config(config), _MTP_ATTRS)
     if mtp:
@@ -367,6 +372,30 @@ def describe(config_or_model: Any, trust_remote_code: bool = False) -> ModelInfo
         load_footprint=predicted_footprints(model, routers),
         stacks=stacks,
     )
+
+
+def _describe_part(config: Any, part: CheckpointPart, trust_remote_code: bool) -> ModelInfo:
+    """The part of a multi-model checkpoint that moe-inspect routes (Qwen3-Omni's thinker), the rest counted apart."""
+    from moe_inspect.model.source import skeleton_model
+
+    info = describe(getattr(config, part.config_key), trust_remote_code)
+    with torch.device("meta"):
+        whole = skeleton_model(config, trust_remote_code)
+    others = []
+    for name, child in whole.named_children():
+        if name == part.attr:
+            continue
+        try:
+            routers = len(find_routers(child))
+        except NotMoEError:
+            routers = 0
+        moe = f", MoE with {routers} routers" if routers else ""
+        others.append(f"{name} ({sum(p.numel() for p in child.parameters()):,} parameters{moe})")
+    info.notes.append(
+        f"These figures are the checkpoint's {part.attr}; it also holds {' and '.join(others)}, not counted here: "
+        f"{part.others}."
+    )
+    return info
 
 
 def _towers(model: nn.Module) -> dict[str, int]:

@@ -54,6 +54,10 @@ class FamilyFacts:
     reselect: Reselect | None = None
     # The router itself drops assignments beyond each expert's capacity (Switch, NLLB-MoE).
     capacity_limited: bool = False
+    # The recorded module is a block holding one expert set per modality (ERNIE-4.5-VL's text_moe and vision_moe):
+    # (router class, submodule of the text experts). Text tokens are routed by that router alone; image tokens
+    # go to the other set, which moe-inspect does not capture, so images are refused for such a family.
+    text_router: tuple[str, str] | None = None
     note: str = ""
 
 
@@ -80,7 +84,8 @@ FAMILIES: dict[str, FamilyFacts] = {
         for name in """
             aria_text dbrx flex_olmo gpt_oss granitemoe granitemoe_swa granitemoehybrid
             granitemoeshared hunyuan_v1_moe jamba mellum minimax mixtral olmoe qwen2_moe
-            qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next qwen4_exp qwen4_exp_text deepseek_v2
+            qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next qwen4_exp qwen4_exp_text deepseek_v2 mistral4
+            deepseek_ocr2 deepseek_ocr2_text unlimited_ocr unlimited_ocr_text
         """.split()
     },
     "cohere2_moe": FamilyFacts(scoring_attr="expert_selection_fn"),
@@ -108,7 +113,8 @@ FAMILIES: dict[str, FamilyFacts] = {
             afmoe axk1 axk2 bailing_hybrid beam deepseek_v3 deepseek_v32 dots1 dots3_note
             dots3_note_text exaone_moe glm4_moe glm4_moe_lite glm_moe_dsa hy_v3 hy_v4 inkling
             inkling_text kimi_linear laguna lfm2_moe mimo_v2_flash minimax_m2 minimax_m3_vl
-            minimax_m3_vl_text nemotron_h solar_open
+            minimax_m3_vl_text nemotron_h solar_open step3p7 step3p5 glm5_next glm5_next_text
+            muse_spark muse_spark_text
         """.split()
     },
     "kolibri1": FamilyFacts(scoring="sigmoid", bias_corrected=True, note="bias added to raw logits"),
@@ -121,6 +127,11 @@ FAMILIES: dict[str, FamilyFacts] = {
     ),
 }
 
+# ERNIE-4.5-VL: modality-isolated experts; the text router adds its bias to the softmax probabilities (as ERNIE-4.5).
+FAMILIES["ernie4_5_vl_moe"] = FAMILIES["ernie4_5_vl_moe_text"] = FamilyFacts(
+    bias_corrected=True, weight_norm="always", text_router=("Ernie4_5_VLMoeMoeTopKRouter", "text_moe"),
+    note="text tokens use the text experts (mlp.text_moe); image tokens use a separate vision expert set",
+)
 # JetMoE records the attention block and its inner gating; the gating alone is the router.
 FAMILIES["jetmoe"] = FamilyFacts(skip_router_classes=("JetMoeAttention",), note="two routers per layer")
 # PhiMoE's sparsemixer hard-codes two experts whatever num_experts_per_tok says.
@@ -139,8 +150,9 @@ FAMILIES["nllb-moe"] = FamilyFacts(
 # Weight normalisation, for families whose modules hold no norm_topk_prob (reference file, sections 1-2).
 _WEIGHT_NORMS: dict[WeightNorm, str] = {
     "always": "mixtral minimax hunyuan_v1_moe qwen3_5_moe qwen3_5_moe_text gemma4 gemma4_text minimax_m2 "
-    "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya",
-    "never": "jamba deepseek_v2 longcat_flash llama4 llama4_text",
+    "minimax_m3_vl minimax_m3_vl_text laguna afmoe hy_v3 zaya step3p7 step3p5 muse_spark muse_spark_text",
+    "never": "jamba deepseek_v2 longcat_flash llama4 llama4_text deepseek_ocr2 deepseek_ocr2_text unlimited_ocr "
+    "unlimited_ocr_text",
     "softmax_over_chosen": "aria_text gpt_oss granitemoe granitemoe_swa granitemoehybrid granitemoeshared jetmoe "
     "cohere2_moe",
 }
@@ -197,20 +209,36 @@ def null_expert_count(model_type: str, config: object) -> int:
 
 # MoE model types transformers registers that moe-inspect does not route yet, each with the one reason why
 # (tests/test_every_moe_type.py fails when a registered MoE type is neither routed nor listed here).
-_UNCHECKED_VL = (
-    "its vision-language checkpoint class has not been checked against moe-inspect's router capture on a tiny "
-    "model yet"
-)
 REFUSED: dict[str, str] = {
-    **{
-        name: _UNCHECKED_VL
-        for name in """
-            deepseek_ocr2 diffusion_gemma ernie4_5_vl_moe glm5_next mistral4 muse_spark step3p7 unlimited_ocr
-        """.split()
-    },
-    "qwen3_omni_moe": "its checkpoint class also builds the speech talker and code-to-wave models, which moe-inspect "
-    "neither loads apart nor routes",
+    "diffusion_gemma": "its decoder's routers denoise a canvas of canvas_length tokens that "
+    "DiffusionGemmaModel.forward draws at random from the vocabulary (modeling_diffusion_gemma.py, line 1558), "
+    "not the prompt's tokens, and routing its autoregressive encoder alone is not implemented",
 }
+
+
+@dataclass(frozen=True)
+class CheckpointPart:
+    """The one model of a multi-model checkpoint that reads the prompt; the loader loads it alone."""
+
+    attr: str  # its attribute in the checkpoint's class (and its weights' prefix, which transformers strips)
+    config_key: str  # its sub-config
+    others: str  # what else the checkpoint holds and why it is not loaded (status line and info)
+
+
+# Qwen3-Omni-MoE's class has no forward of its own: the thinker reads text, images and audio and writes text; the
+# talker (an MoE too) and code2wav turn the thinker's states into speech, only when generating audio.
+CHECKPOINT_PARTS: dict[str, CheckpointPart] = {
+    "qwen3_omni_moe": CheckpointPart(
+        "thinker", "thinker_config",
+        "its talker (an MoE as well) and code2wav only run to generate speech, so moe-inspect neither loads nor "
+        "routes them",
+    ),
+}
+
+
+def checkpoint_part(config: object) -> CheckpointPart | None:
+    """The part of a multi-model checkpoint that moe-inspect loads and routes, if the checkpoint is one."""
+    return CHECKPOINT_PARTS.get(str(getattr(config, "model_type", "")))
 
 
 def capacity_notes(config: object) -> list[str]:

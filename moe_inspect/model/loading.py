@@ -15,7 +15,7 @@ from torch import nn
 
 from moe_inspect.errors import NotMoEError, UserError
 from moe_inspect.model.capture import capture
-from moe_inspect.model.families import capacity_notes, check_supported
+from moe_inspect.model.families import capacity_notes, check_supported, checkpoint_part
 from moe_inspect.model.footprint import measure_footprint, quantization_report
 from moe_inspect.model.heuristic_routers import find_routers_heuristic
 from moe_inspect.model.options import DTYPE_NAMES, LoadOptions
@@ -174,6 +174,10 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         kwargs["device_map"] = {"": resolved_device}
     config = load_config(model_id, options.revision, options.trust_remote_code)
     check_supported(config)
+    part = checkpoint_part(config)
+    if part is not None:  # the part that reads the prompt, alone: transformers' weight conversion for its class
+        config = getattr(config, part.config_key)  # strips the checkpoint's prefix (PrefixChange "thinker")
+        kwargs["config"] = config
     try:
         hf_model = model_class(config).from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as exc:  # SafetensorError: corrupt weights
@@ -200,9 +204,11 @@ def load(options: LoadOptions, tokenizer: Any = None) -> LoadedModel:
         probe_routers(hf_model, loaded.routers, loaded.input_device, probe)
     except RuntimeError as exc:
         raise quantized_forward_error(quant, exc) from exc
-    part = routed_part(hf_model, loaded.routers, loaded.kind)
-    if part:
-        loaded.notes.append(part[0].upper() + part[1:] + ".")
+    routed = routed_part(hf_model, loaded.routers, loaded.kind)
+    if routed:
+        loaded.notes.append(routed[0].upper() + routed[1:] + ".")
+    if part is not None:
+        loaded.notes.append(f"Loaded the checkpoint's {part.attr} alone: {part.others}.")
     loaded.notes += capacity_notes(config)
     if quantization:
         loaded.notes.append(quantization_report(hf_model, loaded.routers, quantization))

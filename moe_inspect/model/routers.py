@@ -147,6 +147,9 @@ def _targets_for(pretrained: nn.Module) -> list[_Target]:
                 config=config,
             )
         )
+    if targets and facts.text_router:  # the recorded block mixes modalities: hook its text router instead
+        router_class, text_part = facts.text_router
+        targets = [_Target((), (router_class,), 0, text_part, model_type, config)]
     if targets and facts.extra_router_classes:
         targets.append(
             _Target((), facts.extra_router_classes, 0, None, model_type, config)

@@ -298,7 +298,7 @@ def load_processor(model_id: str, revision: str | None = None, trust_remote_code
 
 def check_takes_images(config: Any, model_id: str) -> None:
     """Refuse images for a checkpoint that has no vision input, before its processor or weights load."""
-    from moe_inspect.model.families import modality_token_ids
+    from moe_inspect.model.families import facts_for, modality_token_ids
 
     kind = model_kind(config)
     if kind == SEQ2SEQ:
@@ -306,10 +306,27 @@ def check_takes_images(config: Any, model_id: str) -> None:
     if kind != IMAGE_TEXT or "image" not in modality_token_ids(config):
         model_type = getattr(config, "model_type", "unknown")
         raise UserError(f"'{model_id}' is a text-only model ({model_type}); it takes no images.")
+    if facts_for(str(getattr(config, "model_type", ""))).text_router:
+        raise UserError(
+            f"'{model_id}' sends image tokens to a separate set of vision experts, which moe-inspect does not "
+            "capture yet; route text prompts only."
+        )
 
 
 # What a checkpoint is decides which class loads it: the issue-17 rule, in one place.
 CAUSAL, IMAGE_TEXT, SEQ2SEQ = "causal-lm", "image-text-to-text", "seq2seq"
+
+
+def causal_lm_class_name(model_type: str) -> str | None:
+    """The causal-LM class of a model type: its AutoModelForCausalLM entry, or a ``*ForCausalLM`` class that
+    transformers files only under image-text-to-text (Mistral-4 in 5.24), which is a text model all the same."""
+    from transformers.models.auto import modeling_auto
+
+    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name is None:
+        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+        return name if isinstance(name, str) and name.endswith("ForCausalLM") else None
+    return name
 
 
 def model_kind(config: Any) -> str:
@@ -323,7 +340,7 @@ def model_kind(config: Any) -> str:
     model_type = getattr(config, "model_type", "")
     if getattr(config, "is_encoder_decoder", False):
         return SEQ2SEQ
-    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if causal_lm_class_name(model_type):
         return CAUSAL
     if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return IMAGE_TEXT
@@ -344,13 +361,17 @@ def model_class(config: Any) -> Any:
     }
     mapping, auto_name = auto_classes[kind]
     auto = getattr(transformers, auto_name)
-    if getattr(config, "model_type", "") in mapping or getattr(config, "auto_map", None):
+    model_type = getattr(config, "model_type", "")
+    if model_type in mapping or getattr(config, "auto_map", None):
         return auto
+    if kind == CAUSAL and causal_lm_class_name(model_type):
+        return getattr(transformers, causal_lm_class_name(model_type))
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, str(name), None)
         if isinstance(cls, type) and str(name).endswith(("ForConditionalGeneration", "ForCausalLM")):
             return cls
-    return auto
+    multimodal = modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.get(model_type)  # Qwen3-Omni's whole class
+    return getattr(transformers, multimodal, auto) if isinstance(multimodal, str) else auto
 
 
 def skeleton_model(config: Any, trust_remote_code: bool = False) -> Any:
