@@ -100,9 +100,13 @@ def routed_part(model: nn.Module, routers: list[RouterSpec], kind: str) -> str |
     towers = [name for name, _ in model.named_children()] + [
         f"model.{name}" for name, _ in getattr(model, "model", nn.Module()).named_children()
     ]
-    others = [t for t in towers if any(w in t for w in ("visual", "vision", "audio")) and t not in prefixes]
-    towers_note = f"; {', '.join(others)} runs only when images are given" if others else ""
-    return f"text and image tokens route through the language model ({', '.join(prefixes)}){towers_note}"
+    notes = [f"text and image tokens route through the language model ({', '.join(prefixes)})"]
+    for tower in (t for t in towers if t not in prefixes):
+        if "audio" in tower:
+            notes.append(f"{tower} is loaded but not run (moe-inspect routes no audio inputs)")
+        elif "visual" in tower or "vision" in tower:
+            notes.append(f"{tower} runs only when images are given")
+    return "; ".join(notes)
 
 
 def resolve_device(device: str) -> str:
