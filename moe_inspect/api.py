@@ -21,7 +21,13 @@ from moe_inspect.analysis.batching import default_batch_size
 from moe_inspect.analysis.encoder_decoder import capacity_rule
 from moe_inspect.analysis.generation import kv_cache, sampling_options
 from moe_inspect.analysis.image_balance import balance_images
-from moe_inspect.analysis.modality import DEFAULT_IMAGE_PROMPT, modality_codes, modality_names, processor_inputs
+from moe_inspect.analysis.modality import (
+    DEFAULT_IMAGE_PROMPT,
+    check_image_run,
+    modality_codes,
+    modality_names,
+    processor_inputs,
+)
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.tables import route_frame, routers_frame
 from moe_inspect.errors import UserError
@@ -216,8 +222,7 @@ class Inspector:
         corpus_options: dict[str, Any],
     ) -> BalanceReport:
         """``balance`` over image files (and any texts/files before them), split by modality."""
-        if by_file:
-            raise UserError("Per-file blocks and images cannot be combined; balance images apart from `by_file`.")
+        check_image_run(by_file)
         prompt = DEFAULT_IMAGE_PROMPT if prompt is None else prompt
         files = image_files(images) if isinstance(images, str | Path) else [Path(p) for p in images]
         if not files:

@@ -251,6 +251,9 @@ def test_refusals_are_one_sentence_before_the_weights(
         (["route", PROMPT, "-m", str(aria_dir), "--image", str(not_image)], "is not an image file Pillow can read"),
         (["balance", "--images", str(empty), "-m", str(aria_dir)], "holds no image files"),
         (["balance", "-m", str(aria_dir)], "Give text files to measure, or an image folder"),
+        # before the text corpus's own checks (this one is shorter than a window)
+        (["balance", str(not_image), "--images", str(empty), "-m", str(aria_dir), "--by-file"],
+         "Per-file blocks and images cannot be combined; balance images apart from --by-file."),
         (["route", PROMPT, "-m", str(aria_dir), "--image", str(picture), "--generate", "2"], "Generating after images"),
     ]
     for args, needle in cases:

@@ -28,6 +28,12 @@ DEFAULT_IMAGE_PROMPT = "Describe the image."
 """The text routed with each image of ``balance`` unless another is given: short and neutral."""
 
 
+def check_image_run(by_file: bool) -> None:
+    """What an image balance run cannot be combined with, refused before anything is read or loaded."""
+    if by_file:
+        raise UserError("Per-file blocks and images cannot be combined; balance images apart from `by_file`.")
+
+
 def modality_codes(input_ids: torch.Tensor, config: Any) -> torch.Tensor:
     """Per token, the index into ``MODALITIES`` (0 = text) of what the model embeds there; same shape, int64."""
     codes = torch.zeros_like(input_ids, dtype=torch.int64)

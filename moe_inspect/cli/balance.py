@@ -132,6 +132,10 @@ def balance(
     token_layers = parse_layers(top_token_layers)
     if not corpus and images is None:
         raise UserError("Give text files to measure, or an image folder with --images.")
+    if images is not None:
+        from moe_inspect.analysis.modality import check_image_run
+
+        check_image_run(by_file)
     files = check_files(corpus) if corpus else []
     model_id, _ = resolve_model(load.model)
     image_list, processor = image_folder_for(images, load, model_id) if images is not None else ([], None)
