@@ -323,3 +323,26 @@ def test_max_tokens_caps_text_and_images_together(aria, folder: Path) -> None:
     assert report.run["max_tokens"] == cap
     alone = aria.balance(images=folder, batch_size=2, max_tokens=image_tokens)  # images only: one fits
     assert (alone.layers.pivot_table(index="layer", columns="modality", values="tokens")["image"] == 256).all()
+
+
+def test_ablate_a_vision_language_model_equals_its_checkpoint_reloaded_with_k(
+    aria, aria_dir: Path, tmp_path: Path
+) -> None:
+    """A vision-language checkpoint's routers are its text model's (aria_text inside aria): ablate judges and
+    re-routes them by that family, and top-k=1 equals the checkpoint saved with the text model's k set to 1."""
+    import json
+    import shutil
+
+    import moe_inspect
+
+    texts, opts = ["def add(a, b): return a + b", "The cat sat on the mat."], {"lines": True}
+    report = aria.ablate(texts, **opts, top_k=[1])
+    losses = dict(zip(report.ablation["setting"], report.ablation["loss"], strict=True))
+    shutil.copytree(aria_dir, tmp_path / "k1")
+    config = json.loads((tmp_path / "k1" / "config.json").read_text())
+    config["text_config"]["moe_topk"] = 1
+    (tmp_path / "k1" / "config.json").write_text(json.dumps(config))
+    reloaded = moe_inspect.load(str(tmp_path / "k1"))
+    assert reloaded.loaded.routers[0].top_k == 1
+    assert losses["top-k=1"] == float(reloaded.ablate(texts, **opts).ablation.loc[0, "loss"])  # bit for bit
+    assert losses["top-k=1"] != losses["baseline"]

@@ -56,9 +56,15 @@ class RoutingChange:
 
 
 def reroutable_routers(routers: list[RouterSpec], model_type: str) -> list[RouterSpec]:
-    """The routers a change may touch; one sentence naming the family when its selection cannot be changed."""
-    facts = facts_for(model_type)
-    if facts.reselect is None or any(spec.parser != "tuple" or spec.heuristic for spec in routers):
+    """The routers a change may touch; one sentence naming the family when its selection cannot be changed.
+
+    Each router is judged by its own family (a vision-language checkpoint's routers are its text model's, e.g.
+    ``aria_text`` inside ``aria``); ``model_type`` names the checkpoint in the sentence.
+    """
+    families = {spec.model_type for spec in routers} or {model_type}
+    if any(facts_for(family).reselect is None for family in families) or any(
+        spec.parser != "tuple" or spec.heuristic for spec in routers
+    ):
         raise UserError(
             f"moe-inspect cannot change the routing of the {model_type} family: its selection is not "
             "a router output it re-implements (supported: "
