@@ -19,30 +19,21 @@ from moe_inspect.analysis.ablate import Progress as AblateProgress
 from moe_inspect.analysis.balance import DEFAULT_CAPACITY_FACTORS, BalanceReport, Progress, run_balance
 from moe_inspect.analysis.batching import default_batch_size
 from moe_inspect.analysis.encoder_decoder import capacity_rule
-from moe_inspect.analysis.generation import kv_cache, sampling_options
 from moe_inspect.analysis.image_balance import balance_images
 from moe_inspect.analysis.modality import (
     DEFAULT_IMAGE_PROMPT,
     check_image_run,
-    modality_codes,
-    modality_names,
-    processor_inputs,
 )
-from moe_inspect.analysis.routing_pass import routing_forward
-from moe_inspect.analysis.tables import route_frame, routers_frame
+from moe_inspect.analysis.route import route_prompt
+from moe_inspect.analysis.tables import routers_frame
 from moe_inspect.errors import UserError
 from moe_inspect.io.corpus import CorpusFile, CorpusReader, check_files
 from moe_inspect.io.images import image_files
 from moe_inspect.io.targets import check_aligned, paired_batches, target_source
-from moe_inspect.io.tokens import token_bytes
-from moe_inspect.model.capture import capture
 from moe_inspect.model.loading import LoadedModel, decoder_start_id
 from moe_inspect.model.loading import load as load_model
 from moe_inspect.model.options import LoadOptions
-from moe_inspect.model.quantize import no_grad_context
 from moe_inspect.model.source import (
-    IMAGE_TEXT,
-    check_prompt_length,
     check_seq_len,
     check_takes_images,
     load_processor,
@@ -324,9 +315,6 @@ class Inspector:
             raise UserError(f"`{name}` {what}; this model's MoE layers are {layer_ranges(known)}.")
         return selected
 
-    def _token_strings(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
-
     def route(
         self,
         text: str,
@@ -351,92 +339,20 @@ class Inspector:
         if images:
             check_takes_images(self.model.config, self.loaded.model_id)
         if self.loaded.is_seq2seq:
-            return self._route_seq2seq(text, target, generate, temperature, seed, selected)
-        if target is not None:
-            raise UserError("A `target` is only for encoder-decoder models; this one is decoder-only.")
-        extra: dict[str, Any] = {}
-        if images:
+            from moe_inspect.analysis.encoder_decoder import generate_encoder_decoder, route_encoder_decoder
+
             if generate:
-                raise UserError("Generating after images is not supported yet; route the prompt and images alone.")
-            extra = processor_inputs(self.processor, [text], [list(images)])
-            encoded = {"input_ids": extra.pop("input_ids")}
-            extra.pop("attention_mask", None)  # one unpadded sequence; multimodal RoPE then needs no mask
-            extra = {name: value.to(self.loaded.input_device) for name, value in extra.items()}
-        else:
-            encoded = self.tokenizer(text, return_tensors="pt")
-        input_ids = encoded["input_ids"].to(self.loaded.input_device)
-        if input_ids.shape[1] == 0:
-            raise UserError("The prompt tokenized to zero tokens.")
-        prompt_len = int(input_ids.shape[1])
-        check_prompt_length(prompt_len, generate, positions_limit(self.model.config))
-        with no_grad_context(self.loaded.model), capture(self.loaded.routers) as cap:
-            if generate > 0:
-                ids = self._generate(input_ids, generate, temperature, seed)
+                frame = generate_encoder_decoder(self.loaded, text, target, generate, temperature, seed)
             else:
-                if extra:  # vision tower, then language model; no head
-                    routing_forward(self.loaded, input_ids, **extra)
-                elif self.loaded.kind == IMAGE_TEXT:  # the whole multimodal forward, text tokens only
-                    self.model(**self.loaded.forward_inputs(input_ids))
-                else:
-                    routing_forward(self.loaded, input_ids)
-                ids = input_ids[0]
-        token_ids = ids.tolist()
-        phases = ["prefill"] * prompt_len + ["decode"] * (len(token_ids) - prompt_len)
-        strings = self._token_strings(token_ids)
-        raw = token_bytes(self.tokenizer, token_ids, strings)
-        modality = modality_names(modality_codes(ids.cpu(), self.model.config)) if extra else None
-        frame = route_frame(self.loaded.routers, cap.calls, token_ids, strings, phases, raw, modality)
-        if selected is not None:
-            frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
-        frame.attrs.update(
-            text=text,
-            prompt_tokens=prompt_len,
-            generated_text=self.tokenizer.decode(token_ids[prompt_len:]) if generate else "",
-        )
-        return frame
-
-    def _route_seq2seq(
-        self,
-        text: str,
-        target: str | None,
-        generate: int,
-        temperature: float,
-        seed: int | None,
-        selected: set[int] | None,
-    ) -> pd.DataFrame:
-        from moe_inspect.analysis.encoder_decoder import generate_encoder_decoder, route_encoder_decoder
-
-        if generate:
-            frame = generate_encoder_decoder(self.loaded, text, target, generate, temperature, seed)
+                frame = route_encoder_decoder(self.loaded, text, target, seed)
         else:
-            frame = route_encoder_decoder(self.loaded, text, target, seed)
+            if target is not None:
+                raise UserError("A `target` is only for encoder-decoder models; this one is decoder-only.")
+            processor = self.processor if images else None
+            frame = route_prompt(self.loaded, text, generate, temperature, seed, processor, images)
         if selected is not None:
             frame = frame[frame["layer"].isin(selected)].reset_index(drop=True)
         return frame
-
-    def _generate(self, input_ids: torch.Tensor, new_tokens: int, temperature: float, seed: int | None) -> torch.Tensor:
-        """Generate, then feed the last new token once more so every generated token has routing rows.
-
-        generate computes the head on the last position only (it passes ``logits_to_keep=1``); the extra step
-        runs no head at all.
-        """
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new_tokens,
-            **sampling_options(temperature, self.tokenizer.pad_token_id),
-        )
-        sequence = out.sequences
-        if sequence.shape[1] > input_ids.shape[1]:
-            cache = kv_cache(out)
-            if self.loaded.kind == IMAGE_TEXT:
-                # Multimodal models derive 3-D RoPE positions from the mask; one unpadded sequence needs none.
-                self.model(input_ids=sequence[:, -1:], use_cache=True, **cache)
-            else:
-                routing_forward(self.loaded, sequence[:, -1:], torch.ones_like(sequence), use_cache=True, **cache)
-        return sequence[0]
 
 
 def load(
