@@ -16,7 +16,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from moe_inspect.analysis.info import BYTES_PER_PARAM, ModelInfo, build_meta_model, describe
+from moe_inspect.analysis.info import BYTES_PER_PARAM, build_meta_model, describe
+from moe_inspect.analysis.model_info import ModelInfo
 from moe_inspect.cli.info import info
 from moe_inspect.errors import UserError
 from moe_inspect.model.source import load_config

@@ -14,7 +14,7 @@ import pandas as pd
 from rich.console import Console
 
 from moe_inspect.analysis.balance import BalanceReport
-from moe_inspect.analysis.info import ModelInfo
+from moe_inspect.analysis.model_info import ModelInfo
 from moe_inspect.model.routers import RouterSpec
 from moe_inspect.render.html import balance_html, info_html, route_html
 from moe_inspect.render.tokens import render_expert_tokens

@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from moe_inspect.analysis.info import ModelInfo
+from moe_inspect.analysis.model_info import ModelInfo
 from moe_inspect.units import human_bytes, human_count, layer_ranges
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moe_inspect.analysis.info import ModelInfo
+from moe_inspect.analysis.model_info import ModelInfo
 from moe_inspect.render.html.page import document, esc, kv_table, table
 from moe_inspect.units import human_bytes, human_count
 
