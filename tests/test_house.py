@@ -149,6 +149,24 @@ def test_help_and_option_errors_import_no_torch(args: list[str]) -> None:
     assert "HEAVY []" in proc.stderr, proc.stderr
 
 
+def test_balance_help_groups_its_options() -> None:
+    """Eighteen options in one list were hard to scan: each sits in the panel of what it is about."""
+    from typer.testing import CliRunner
+
+    from moe_inspect.cli import app
+
+    text = CliRunner().invoke(app, ["balance", "--help"], env={"COLUMNS": "120"}).stdout
+    panels = ["Arguments", "Options", "Corpus", "What to measure", "Output",
+              "Encoder-decoder and vision-language models", "Model loading"]
+    starts = [text.index(f"╭─ {name} ") for name in panels]
+    assert starts == sorted(starts)
+    within = {"Corpus": "--max-tokens", "What to measure": "--top-tokens", "Output": "--html",
+              "Encoder-decoder and vision-language models": "--images"}
+    for name, option in within.items():
+        start = text.index(f"╭─ {name} ")
+        assert start < text.index(option) < text.index("╰", start), name
+
+
 def test_python_dash_m() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "moe_inspect", "--version"], capture_output=True, text=True, timeout=60,

@@ -13,6 +13,10 @@ from moe_inspect.errors import UserError
 from moe_inspect.io.schemas import DEFAULT_CAPACITY_FACTORS
 from moe_inspect.model.options import LoadOptions
 
+# --help groups the options by what they are about.
+CORPUS, MEASURE, OUTPUT = "Corpus", "What to measure", "Output"
+SPECIAL = "Encoder-decoder and vision-language models"
+
 BALANCE_EXAMPLES = """Examples:
 
   moe-inspect balance corpus.txt
@@ -26,6 +30,8 @@ BALANCE_EXAMPLES = """Examples:
   moe-inspect balance code.txt --top-tokens 8 --html balance.html
 
   moe-inspect balance prose.txt --images photos/ -m rhymes-ai/Aria --out runs/aria
+
+  moe-inspect balance src.txt --lines --target-file tgt.txt -m google/switch-base-8 --out runs/switch
 """
 
 
@@ -49,61 +55,106 @@ def balance(
         list[str] | None, typer.Argument(help="UTF-8 text files; '-' reads standard input.", show_default=False)
     ] = None,
     seq_len: Annotated[
-        int | None, typer.Option("--seq-len", min=1, help="Window length (default min(2048, model max positions)).")
+        int | None,
+        typer.Option(
+            "--seq-len", rich_help_panel=CORPUS, min=1, help="Window length (default min(2048, model max positions))."
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
-            "--batch-size", min=1, help="Sequences per forward pass (default: 8192 tokens on CPU; measured on CUDA)."
+            "--batch-size",
+            rich_help_panel=CORPUS,
+            min=1,
+            help="Sequences per forward pass (default: 8192 tokens on CPU; measured on CUDA).",
         ),
     ] = None,
     lines: Annotated[
-        bool, flag("--lines", help="Each non-empty line is its own sequence (padded batches).")
+        bool, flag("--lines", rich_help_panel=CORPUS, help="Each non-empty line is its own sequence (padded batches).")
     ] = False,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", rich_help_panel=CORPUS, min=1, help="Stop after this many tokens.")
+    ] = None,
     capacity_factor: Annotated[
         list[float] | None,
         typer.Option(
             "--capacity-factor",
+            rich_help_panel=MEASURE,
             help="Capacity factor for the drop-rate what-ifs; repeat it for several.",
             show_default=", ".join(f"{f:g}" for f in DEFAULT_CAPACITY_FACTORS),
         ),
     ] = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Write layers.csv, experts.csv, coactivation.csv and run.json here.")
+        Path | None,
+        typer.Option(
+            "--out", rich_help_panel=OUTPUT, help="Write layers.csv, experts.csv, coactivation.csv and run.json here."
+        ),
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write the load heatmap as .png, .pdf or .svg (matplotlib).")
+        Path | None,
+        typer.Option(
+            "--plot", rich_help_panel=OUTPUT, help="Write the load heatmap as .png, .pdf or .svg (matplotlib)."
+        ),
     ] = None,
     top_tokens: Annotated[
-        int, typer.Option("--top-tokens", min=0, help="Per expert, the N most frequent and N highest-lift tokens.")
+        int,
+        typer.Option(
+            "--top-tokens",
+            rich_help_panel=MEASURE,
+            min=0,
+            help="Per expert, the N most frequent and N highest-lift tokens.",
+        ),
     ] = 0,
     min_count: Annotated[
-        int, typer.Option("--min-count", min=1, help="Least assignments for a token to be listed by lift.")
+        int,
+        typer.Option(
+            "--min-count", rich_help_panel=MEASURE, min=1, help="Least assignments for a token to be listed by lift."
+        ),
     ] = 5,
     top_token_layers: Annotated[
-        str | None, typer.Option("--top-token-layers", help="Count tokens only in these layers, e.g. '0,5-7'.")
+        str | None,
+        typer.Option(
+            "--top-token-layers", rich_help_panel=MEASURE, help="Count tokens only in these layers, e.g. '0,5-7'."
+        ),
     ] = None,
-    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", rich_help_panel=OUTPUT, help="Write a self-contained HTML report.")
+    ] = None,
     by_file: Annotated[
         bool,
-        flag("--by-file", help="Measure each file on its own too: a source column, one block per file plus 'all'."),
+        flag(
+            "--by-file",
+            rich_help_panel=CORPUS,
+            help="Measure each file on its own too: a source column, one block per file plus 'all'.",
+        ),
     ] = False,
     target_file: Annotated[
         Path | None,
         typer.Option(
-            "--target-file", help="Encoder-decoders with --lines: the decoder's text for each source line, one a line."
+            "--target-file",
+            rich_help_panel=SPECIAL,
+            help="Encoder-decoders with --lines: the decoder's text for each source line, one a line.",
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Random seed (NLLB-MoE's random second-expert policies).")
+        int | None,
+        typer.Option("--seed", rich_help_panel=SPECIAL, help="Random seed (NLLB-MoE's random second-expert policies)."),
     ] = None,
     images: Annotated[
         Path | None,
-        typer.Option("--images", help="Vision-language models: route each image file in this folder, by modality."),
+        typer.Option(
+            "--images",
+            rich_help_panel=SPECIAL,
+            help="Vision-language models: route each image file in this folder, by modality.",
+        ),
     ] = None,
     image_prompt: Annotated[
-        str | None, typer.Option("--image-prompt", help="Text routed after each image (default: a short neutral one).")
+        str | None,
+        typer.Option(
+            "--image-prompt",
+            rich_help_panel=SPECIAL,
+            help="Text routed after each image (default: a short neutral one).",
+        ),
     ] = None,
     quiet: QuietOpt = False,
     json_output: JsonOpt = False,
@@ -179,11 +230,20 @@ def balance(
             )
 
         report = insp.balance(
-            reader=reader, capacity_factors=factors, progress=advance, top_tokens=top_tokens, min_count=min_count,
-            top_token_layers=token_layers, by_file=by_file, targets=targets, seed=seed,
-            **({"images": image_list, "image_prompt": image_prompt, "batch_size": batch_size,
-                "max_tokens": max_tokens}
-               if images is not None else {}),
+            reader=reader,
+            capacity_factors=factors,
+            progress=advance,
+            top_tokens=top_tokens,
+            min_count=min_count,
+            top_token_layers=token_layers,
+            by_file=by_file,
+            targets=targets,
+            seed=seed,
+            **(
+                {"images": image_list, "image_prompt": image_prompt, "batch_size": batch_size, "max_tokens": max_tokens}
+                if images is not None
+                else {}
+            ),
         )
     if not distributed.is_main():
         return  # rank 0 holds the reduced report and writes it once
@@ -202,4 +262,3 @@ def balance(
     if report.partial:
         err.print("[yellow]Interrupted:[/yellow] the figures cover the batches routed before Ctrl-C.")
         raise typer.Exit(130)
-
