@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from experts_truth import experts_module
+from experts_truth import experts_received
 
 import moe_inspect
 import moe_inspect.model.capture as capture_module
@@ -103,21 +103,12 @@ def test_capture_and_accumulator_do_not_sync_inside_the_forward(
 
 def _received_by_experts(loaded, ids: torch.Tensor):
     """Capture, and the ids/weights each router's experts module received, in one forward."""
-    received = {}
-    handles = []
-    for spec in loaded.routers:
-        owner = experts_module(loaded.model, spec.path)
-
-        def pre(_m, args, kwargs, i=spec.index):
-            received[i] = (kwargs.get("top_k_index", args[1]), kwargs.get("top_k_weights", args[2]))
-
-        handles.append(owner.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.inference_mode(), capture(loaded.routers) as cap:
-            loaded.model(input_ids=ids.to(loaded.input_device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        torch.inference_mode(),
+        experts_received(loaded.model, loaded.routers) as received,
+        capture(loaded.routers) as cap,
+    ):
+        loaded.model(input_ids=ids.to(loaded.input_device))
     return [calls[0] for calls in cap.calls], received
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bitsandbytes  # noqa: F401  (the test extra installs it: a broken install must fail, not skip)
 import pytest
 import torch
-from experts_truth import experts_module
+from experts_truth import experts_received
 from torch import nn
 
 from moe_inspect.model.capture import capture
@@ -69,21 +69,12 @@ def test_quantized_routers_stay_full_precision(quant_dir, family: str, bits: int
     # The capture equals what the quantized model's experts modules received (ids and combine weights) and
     # what its output_router_logits records: the truth of the forward, not the router output capture reads.
     ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    received: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for spec in loaded.routers:
-        def pre(_m, args, kwargs, i=spec.index):
-            index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-            weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
-            received[i] = (index.clone(), weights.clone())
-
-        handles.append(experts_module(loaded.model, spec.path).register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.inference_mode(), capture(loaded.routers) as cap:
-            out = loaded.model(input_ids=ids, output_router_logits=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        torch.inference_mode(),
+        experts_received(loaded.model, loaded.routers) as received,
+        capture(loaded.routers) as cap,
+    ):
+        out = loaded.model(input_ids=ids, output_router_logits=True)
     assert len(out.router_logits) == len(loaded.routers)
     for spec, calls, recorded in zip(loaded.routers, cap.calls, out.router_logits, strict=True):
         (got,) = calls

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from experts_truth import experts_module
+from experts_truth import experts_received
 from tiny_seq2seq_vl import VL_TYPES, save
 from typer.testing import CliRunner
 
@@ -68,30 +68,19 @@ def test_captured_experts_are_what_the_experts_received(model_type: str, vl_fami
     loaded = vl.loaded
     assert loaded.kind == IMAGE_TEXT
     assert loaded.notes[0].startswith("Text and image tokens route through the language model (model.language_model)")
-    received: dict[int, torch.Tensor] = {}
-    weights: dict[int, torch.Tensor] = {}
-    handles = []
-    for spec in loaded.routers:
-        owner = experts_module(loaded.model, spec.path)
-        assert owner is not None
-
-        def pre(_m, args, kwargs, i=spec.index):
-            received[i] = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-            weights[i] = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
-
-        handles.append(owner.register_forward_pre_hook(pre, with_kwargs=True))
     ids = vl.tokenizer(TEXT, return_tensors="pt")["input_ids"]
-    try:
-        with torch.inference_mode(), capture(loaded.routers) as cap:
-            loaded.model(input_ids=ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        torch.inference_mode(),
+        experts_received(loaded.model, loaded.routers) as received,
+        capture(loaded.routers) as cap,
+    ):
+        loaded.model(input_ids=ids)
     frame = vl.route(TEXT)
     for spec, calls in zip(loaded.routers, cap.calls, strict=True):
         out = calls[0]
-        assert torch.equal(out.experts, received[spec.index].reshape(out.experts.shape).long())
-        torch.testing.assert_close(out.weights, weights[spec.index].reshape(out.weights.shape).float())
+        index, weights = received[spec.index]
+        assert torch.equal(out.experts, index.reshape(out.experts.shape).long())
+        torch.testing.assert_close(out.weights, weights.reshape(out.weights.shape).float())
         rows = frame[frame["layer"] == spec.layer].sort_values(["position", "rank"])
         assert rows["expert"].to_numpy().reshape(-1, spec.top_k).tolist() == out.experts.tolist()
     assert len(set(frame["expert"])) > 2  # routing is varied, so equality above means something

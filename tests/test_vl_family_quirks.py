@@ -74,7 +74,7 @@ def test_omni_loads_its_thinker_alone_with_the_checkpoints_weights(omni_dir: Pat
 def test_deepseek_ocr2_routes_images_through_its_real_processor(tmp_path: Path) -> None:
     """DeepSeek-OCR-2's processor builds offline with Pillow alone: image rows are the processor's image tokens,
     and every row (image positions included) is what the experts modules received in the model's own forward."""
-    from experts_truth import experts_module
+    from experts_truth import experts_received
     from PIL import Image
     from tiny_vl_images import gradient, save_deepseek_ocr2
 
@@ -90,24 +90,16 @@ def test_deepseek_ocr2_routes_images_through_its_real_processor(tmp_path: Path) 
     inputs = processor_inputs(insp.processor, ["Read this."], [[Image.open(picture)]])
     image = inputs["input_ids"][0] == insp.model.config.image_token_id
     assert int(image.sum()) == 257
-    received: dict[int, torch.Tensor] = {}
-    handles = [
-        experts_module(loaded.model, spec.path).register_forward_pre_hook(
-            lambda _m, args, kwargs, i=spec.index: received.__setitem__(i, kwargs.get("top_k_index", args[1])),
-            with_kwargs=True,
-        )
-        for spec in loaded.routers
-    ]
-    try:
-        with torch.inference_mode(), capture(loaded.routers):
-            loaded.model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        torch.inference_mode(),
+        experts_received(loaded.model, loaded.routers) as received,
+        capture(loaded.routers),
+    ):
+        loaded.model(**inputs)
     frame = insp.route("Read this.", images=[picture])
     for spec in loaded.routers:
         rows = frame[frame["layer"] == spec.layer].sort_values(["position", "rank"])
         assert (rows["modality"] == "image").sum() == 257 * spec.top_k
         table = rows["expert"].to_numpy().reshape(-1, spec.top_k)
-        assert table.tolist() == received[spec.index].reshape(table.shape).tolist()
+        assert table.tolist() == received[spec.index][0].reshape(table.shape).tolist()
         assert len({tuple(row) for row in table[image.numpy()]}) > 3  # image tokens do not all route alike

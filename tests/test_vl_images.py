@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from cli_checks import assert_one_line_error
-from experts_truth import experts_module
+from experts_truth import experts_received
 from tiny_vl_images import CHAT_TEMPLATE, IMAGE_TOKEN, gradient, image_folder, image_tokenizer, processor, save
 from typer.testing import CliRunner
 
@@ -92,28 +92,18 @@ def test_image_rows_are_what_the_experts_received(aria, aria_dir: Path, picture:
 
     loaded = aria.loaded
     inputs = processor_inputs(aria.processor, [PROMPT], [[Image.open(picture)]])
-    received: dict[int, torch.Tensor] = {}
-    handles = []
-    for spec in loaded.routers:
-        owner = experts_module(loaded.model, spec.path)
-        assert owner is not None
-
-        def pre(_m, args, kwargs, i=spec.index):
-            received[i] = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-
-        handles.append(owner.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.inference_mode(), capture(loaded.routers) as cap:
-            loaded.model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        torch.inference_mode(),
+        experts_received(loaded.model, loaded.routers) as received,
+        capture(loaded.routers) as cap,
+    ):
+        loaded.model(**inputs)
     frame = aria.route(PROMPT, images=[picture])
     image = (inputs["input_ids"][0] == aria.model.config.image_token_index).numpy()
     distinct = []
     for spec, calls in zip(loaded.routers, cap.calls, strict=True):
         out = calls[0]
-        truth = received[spec.index].reshape(out.experts.shape).long()
+        truth = received[spec.index][0].reshape(out.experts.shape).long()
         assert torch.equal(out.experts, truth)
         rows = frame[frame["layer"] == spec.layer].sort_values(["position", "rank"])
         table = rows["expert"].to_numpy().reshape(-1, spec.top_k)
