@@ -34,13 +34,18 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def _existing(image: str | Path) -> Path:
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise UserError(f"No image file at '{image}'.")
+    return path
+
+
 def check_image(image: str | Path | Any) -> None:
     """Refuse a path that is missing or not an image PIL can read (header only; a PIL image passes)."""
     if not isinstance(image, str | Path):
         return
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise UserError(f"No image file at '{image}'.")
+    path = _existing(image)
     pil = _pil()
     try:
         with pil.open(path) as opened:
@@ -50,14 +55,15 @@ def check_image(image: str | Path | Any) -> None:
 
 
 def open_image(image: str | Path | Any) -> Any:
-    """An RGB PIL image from a path (checked) or a PIL image (converted)."""
+    """An RGB PIL image from a path or a PIL image (converted); a path is opened once, its errors worded as
+    ``check_image`` words them (the CLI has verified every file before the weights load)."""
     if isinstance(image, str | Path):
-        check_image(image)
+        path = _existing(image)
         pil = _pil()
         try:
-            with pil.open(Path(image).expanduser()) as opened:
+            with pil.open(path) as opened:
                 return opened.convert("RGB")
-        except Exception:
+        except Exception:  # as in check_image: one cause, many exception kinds
             raise UserError(f"'{image}' is not an image file Pillow can read.") from None
     convert = getattr(image, "convert", None)
     if not callable(convert):
