@@ -77,7 +77,7 @@ def route_encoder_decoder(
     device = loaded.input_device
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.inference_mode(), capture(loaded.routers) as cap:
+    with no_grad_context(loaded.model), capture(loaded.routers) as cap:
         loaded.model(
             input_ids=torch.tensor([source_ids], device=device),
             decoder_input_ids=torch.tensor([target_ids], device=device),
