@@ -20,18 +20,35 @@ from moe_inspect import metrics
 from moe_inspect.analysis.accumulate import BalanceAccumulator, RouterTotals
 from moe_inspect.errors import UserError
 from moe_inspect.io.corpus import Batch
-from moe_inspect.io.images import image_chunks, open_image
+from moe_inspect.io.images import check_image, image_chunks, image_files, open_image
 from moe_inspect.model.families import MODALITIES, modality_token_ids
+from moe_inspect.model.options import LoadOptions
 from moe_inspect.model.routers import RouterSpec
+from moe_inspect.model.source import check_takes_images, load_config, load_processor
 
 DEFAULT_IMAGE_PROMPT = "Describe the image."
 """The text routed with each image of ``balance`` unless another is given: short and neutral."""
 
 
-def check_image_run(by_file: bool) -> None:
-    """What an image balance run cannot be combined with, refused before anything is read or loaded."""
+def check_image_run(by_file: bool = False, generate: int = 0) -> None:
+    """What a run with images cannot be combined with, refused before anything is read or loaded."""
     if by_file:
         raise UserError("Per-file blocks and images cannot be combined; balance images apart from `by_file`.")
+    if generate:
+        raise UserError("Generating after images is not supported yet; route the prompt and images alone.")
+
+
+def prepare_images(load: LoadOptions, model_id: str, images: Path | Sequence[Path]) -> tuple[list[Path], Any]:
+    """The image files (a folder's, or the paths given) and the checkpoint's processor, before any weights load.
+
+    Refused in one sentence, in this order: the model takes no images, a folder holds none, a file is missing
+    or not an image, the checkpoint ships no processor.
+    """
+    check_takes_images(load_config(model_id, load.revision, load.trust_remote_code), model_id)
+    files = image_files(images) if isinstance(images, Path) else list(images)
+    for path in files:
+        check_image(path)
+    return files, load_processor(model_id, load.revision, load.trust_remote_code)
 
 
 def modality_codes(input_ids: torch.Tensor, config: Any) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from moe_inspect.analysis.generation import kv_cache, sampling_options
-from moe_inspect.analysis.modality import modality_codes, modality_names, processor_inputs
+from moe_inspect.analysis.modality import check_image_run, modality_codes, modality_names, processor_inputs
 from moe_inspect.analysis.routing_pass import routing_forward
 from moe_inspect.analysis.tables import route_frame
 from moe_inspect.errors import UserError
@@ -43,8 +43,7 @@ def route_prompt(
     tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.input_device
     extra: dict[str, Any] = {}
     if images:
-        if generate:
-            raise UserError("Generating after images is not supported yet; route the prompt and images alone.")
+        check_image_run(generate=generate)
         extra = processor_inputs(processor, [text], [list(images)])
         encoded = {"input_ids": extra.pop("input_ids")}
         extra.pop("attention_mask", None)  # one unpadded sequence; multimodal RoPE then needs no mask

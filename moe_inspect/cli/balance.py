@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -33,18 +33,6 @@ BALANCE_EXAMPLES = """Examples:
 
   moe-inspect balance src.txt --lines --target-file tgt.txt -m google/switch-base-8 --out runs/switch
 """
-
-
-def image_folder_for(folder: Path, load: LoadOptions, model_id: str) -> tuple[list[Path], Any]:
-    """The folder's image files and the model's processor, or the one-sentence refusal, before any weights load."""
-    from moe_inspect.io.images import check_image, image_files
-    from moe_inspect.model.source import check_takes_images, load_config, load_processor
-
-    check_takes_images(load_config(model_id, load.revision, load.trust_remote_code), model_id)
-    files = image_files(folder)
-    for path in files:
-        check_image(path)
-    return files, load_processor(model_id, load.revision, load.trust_remote_code)
 
 
 @user_errors
@@ -189,7 +177,11 @@ def balance(
         check_image_run(by_file)
     files = check_files(corpus) if corpus else []
     model_id, _ = resolve_model(load.model)
-    image_list, processor = image_folder_for(images, load, model_id) if images is not None else ([], None)
+    image_list, processor = [], None
+    if images is not None:
+        from moe_inspect.analysis.modality import prepare_images
+
+        image_list, processor = prepare_images(load, model_id, images)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     seq_len = check_seq_len(seq_len, max_positions(model_id, load.revision, load.trust_remote_code))
     reader = CorpusReader(files, tokenizer, seq_len, batch_size or 1, lines, max_tokens) if files else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -27,20 +27,6 @@ ROUTE_EXAMPLES = """Examples:
 
   moe-inspect route "What is in the picture?" --image cat.png -m Qwen/Qwen3-VL-30B-A3B-Instruct --csv cat.csv
 """
-
-
-def image_processor_for(images: list[Path], load: LoadOptions, model_id: str, generate: int = 0) -> Any:
-    """Every refusal images can meet, before any weights load: the model takes none, a file is not an image, the
-    checkpoint ships no processor. Returns the processor."""
-    from moe_inspect.io.images import check_image
-    from moe_inspect.model.source import check_takes_images, load_config, load_processor
-
-    if generate:
-        raise UserError("Generating after images is not supported yet; route the prompt and images alone.")
-    check_takes_images(load_config(model_id, load.revision, load.trust_remote_code), model_id)
-    for path in images:
-        check_image(path)
-    return load_processor(model_id, load.revision, load.trust_remote_code)
 
 
 def _strip_one_newline(text: str) -> str:
@@ -104,7 +90,12 @@ def route(
     if html is not None:
         check_output(html, "--html")
     model_id, _ = resolve_model(load.model)
-    processor = image_processor_for(image, load, model_id, generate) if image else None  # before the weights load
+    processor = None
+    if image:  # every refusal images can meet, before the weights load
+        from moe_inspect.analysis.modality import check_image_run, prepare_images
+
+        check_image_run(generate=generate)
+        _, processor = prepare_images(load, model_id, image)
     tokenizer = load_tokenizer(model_id, load.revision, load.trust_remote_code)
     limit = max_positions(model_id, load.revision, load.trust_remote_code)
     check_prompt_length(len(tokenizer(text)["input_ids"]), generate, limit)  # before the weights load
